@@ -1,0 +1,57 @@
+"""hadakit — Hadamard transforms as the fast, exact building block of low-bit deep learning.
+
+Transforms (any batch; sizes 2^k and m·2^k such as 640 = 20·32; exact and orthogonal; autograd; torch.compile)::
+
+    >>> import torch, hadakit
+    >>> x = torch.randn(8, 640)
+    >>> y = hadakit.hadamard_transform(x)                          # orthonormal H along the last dim
+    >>> torch.allclose(hadakit.inverse_hadamard_transform(y), x, atol=1e-5)
+    True
+    >>> y = hadakit.hadamard_transform(x, signs=hadakit.random_signs(640, seed=0))   # randomized H·D
+    >>> y = hadakit.hadamard_transform(x, block_size=32)           # block-diagonal (MX groups)
+    >>> hadakit.hadamard_matrix(12).shape
+    torch.Size([12, 12])
+    >>> rot = hadakit.HadamardRotation(640, signs="fixed", seed=0)  # nn.Module; signs live in state_dict
+
+See docs/ARCHITECTURE.md for the layering and README.md for the command line.
+"""
+
+from hadakit.transforms import (
+    HadamardRotation,
+    StructuredRotation,
+    TransformPlan,
+    base_order,
+    block_hadamard_transform,
+    construction,
+    covered_orders,
+    hadamard_matrix,
+    hadamard_transform,
+    inverse_hadamard_transform,
+    nearest_supported,
+    random_signs,
+    randomized_hadamard_transform,
+    structured_rotation,
+    supported,
+    transform_plan,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HadamardRotation",
+    "StructuredRotation",
+    "TransformPlan",
+    "base_order",
+    "block_hadamard_transform",
+    "construction",
+    "covered_orders",
+    "hadamard_matrix",
+    "hadamard_transform",
+    "inverse_hadamard_transform",
+    "nearest_supported",
+    "random_signs",
+    "randomized_hadamard_transform",
+    "structured_rotation",
+    "supported",
+    "transform_plan",
+]

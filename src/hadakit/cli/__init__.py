@@ -1,0 +1,1 @@
+"""Command-line interface (``hadakit ...``); the library never imports it."""

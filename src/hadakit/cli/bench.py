@@ -1,0 +1,185 @@
+"""``hadakit bench``: time the transforms against a memcpy of the same bytes, measured in the same run.
+
+A Hadamard transform reads and writes every element once, so its floor is a device copy (``torch.clone``) of the
+same tensor; every result is printed as a ratio to that floor. Results go to a JSON file named after the device.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import hadakit
+
+POW2_SIZES = [1 << k for k in range(6, 16)]
+M_SIZES = [384, 640, 10240, 12288, 14336, 20480, 28672]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class BenchResult:
+    op: str
+    dtype: str
+    n: int
+    rows: int
+    bytes: int
+    us: float
+    memcpy_us: float
+
+    @property
+    def ratio(self) -> float:
+        return self.us / self.memcpy_us
+
+    @property
+    def gbps(self) -> float:  # bytes read + written per second
+        return 2 * self.bytes / (self.us * 1e-6) / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+
+
+def _timer(device: torch.device, fn: Callable[[], object], reps: int) -> float:
+    """Median wall time of ``fn`` in microseconds (CUDA events on GPU), after one warm-up call."""
+    fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+    else:
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e6)
+    return statistics.median(times)
+
+
+def _variants(n: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    signs = None
+
+    def randomized(x):
+        nonlocal signs
+        if signs is None:
+            signs = hadakit.random_signs(n, 0, device=x.device)
+        return hadakit.hadamard_transform(x, signs=signs)
+
+    def backward(x):
+        # the vector-Jacobian product of the transform: the same kernel, transposed
+        return hadakit.inverse_hadamard_transform(x)
+
+    return {
+        "hadamard": hadakit.hadamard_transform,
+        "randomized": randomized,
+        "block32": lambda x: hadakit.hadamard_transform(x, block_size=32),
+        "backward": backward,
+    }
+
+
+def run_bench(
+    *,
+    device: str | torch.device | None = None,
+    mib: float | None = None,
+    sizes: list[int] | None = None,
+    dtypes: list[str] | None = None,
+    ops: list[str] | None = None,
+    reps: int | None = None,
+    progress: Callable[[BenchResult], None] | None = None,
+) -> dict:
+    """Run the benchmark and return ``{"device": ..., "results": [...]}`` (see module docstring)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mib = mib or (256 if dev.type == "cuda" else 64)
+    reps = reps or (50 if dev.type == "cuda" else 5)
+    sizes = sizes or POW2_SIZES + M_SIZES
+    dtypes = dtypes or (["fp32", "bf16", "fp16"] if dev.type == "cuda" else ["fp32"])
+    ops = ops or ["hadamard"]
+    results = []
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        elem = torch.empty((), dtype=dtype).element_size()
+        for n in sizes:
+            rows = max(1, int(mib * 2**20) // (n * elem))
+            x = torch.randn(rows, n, device=dev, dtype=torch.float32).to(dtype)
+            memcpy_us = _timer(dev, lambda: x.clone(), reps)
+            variants = _variants(n)
+            for op in ops:
+                if op == "block32" and n % 32:
+                    continue
+                fn = variants[op]
+                us = _timer(dev, lambda: fn(x), reps)
+                res = BenchResult(op, dname, n, rows, rows * n * elem, us, memcpy_us)
+                results.append(res)
+                if progress:
+                    progress(res)
+            del x
+    return {
+        "device": device_name(dev),
+        "device_type": dev.type,
+        "torch": torch.__version__,
+        "hadakit": hadakit.__version__,
+        "backend": "triton" if dev.type == "cuda" else "torch (CPU)",
+        "results": [dict(asdict(r), ratio=round(r.ratio, 4), gbps=round(r.gbps, 2)) for r in results],
+    }
+
+
+def format_row(r: BenchResult) -> str:
+    return (f"{r.op:<11} {r.dtype:<5} {r.n:>6} {r.rows:>8} {r.us:>11.1f} {r.memcpy_us:>11.1f} "
+            f"{r.ratio:>7.2f}x {r.gbps:>8.1f}")
+
+
+HEADER = f"{'op':<11} {'dtype':<5} {'n':>6} {'rows':>8} {'us':>11} {'memcpy_us':>11} {'ratio':>8} {'GB/s':>8}"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
+
+
+def save_plot(report: dict, path: Path) -> Path | None:
+    """Ratio-to-memcpy against size, one line per dtype and op (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in report["results"]:
+        series.setdefault((r["op"], r["dtype"]), []).append((r["n"], r["ratio"]))
+    for (op, dt), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{op} {dt}")
+    ax.set_xscale("log", base=2)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("transform size n")
+    ax.set_ylabel("time / memcpy time")
+    ax.set_title(f"hadakit transform vs memcpy — {report['device']}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,65 @@
+"""The ``hadakit`` command line: one sub-command per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from hadakit.cli import bench
+
+    print(bench.HEADER, flush=True)
+
+    def show(res):
+        print(bench.format_row(res), flush=True)
+
+    report = bench.run_bench(device=args.device, mib=args.mib, sizes=args.sizes,
+                             dtypes=args.dtypes.split(",") if args.dtypes else None,
+                             ops=args.ops.split(",") if args.ops else None, reps=args.reps, progress=show)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = bench.slug(report["device"])
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    plot = bench.save_plot(report, out_dir / f"{stem}.png")
+    print(f"\ndevice: {report['device']}\nwrote {json_path}" + (f" and {plot}" if plot else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hadakit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="time the transforms against a memcpy of the same bytes")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    b.add_argument("--mib", type=float, default=None, help="tensor size in MiB (default 256 on GPU, 64 on CPU)")
+    b.add_argument("--sizes", type=_int_list, default=None, help="comma-separated transform sizes")
+    b.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16,fp16 (default: all on GPU, fp32 on CPU)")
+    b.add_argument("--ops", default=None, help="comma-separated: hadamard,randomized,block32,backward")
+    b.add_argument("--reps", type=int, default=None, help="timed repetitions per point (median is reported)")
+    b.add_argument("--out", default="hadakit-bench", help="output folder for the JSON and PNG")
+    b.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"hadakit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

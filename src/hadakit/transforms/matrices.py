@@ -1,0 +1,395 @@
+"""Exact ±1 Hadamard matrices: which orders hadakit can build, and how.
+
+A Hadamard matrix of order ``n`` has entries ±1 and satisfies ``H @ H.T == n * I``.  hadakit builds them from
+
+* **Sylvester** doubling: ``H_1 = [1]``, ``H_2n = [[H, H], [H, -H]]``, so ``H_{2^k}[i, j] = (-1)^popcount(i & j)``;
+* **Paley I**: order ``q + 1`` for a prime power ``q ≡ 3 (mod 4)``;
+* **Paley II**: order ``2(q + 1)`` for a prime power ``q ≡ 1 (mod 4)``;
+* **data files** in ``data/``: order 172 from four Goethals–Seidel sequences found by ``tools/search_order_172.py``;
+* **Kronecker products** ``H_a ⊗ H_b`` of constructible orders.
+
+Every constructible ``n`` is written ``n = m · 2^k`` with ``m = base_order(n)`` the smallest constructible order
+that leaves a power of two, and
+
+    hadamard_matrix(n) == kron(hadamard_matrix(m), sylvester(2^k))          (exactly)
+
+The transform kernels rely on this: they apply ``H_m`` as a small dense matmul and ``H_{2^k}`` as a fast
+Walsh–Hadamard butterfly (see docs/ARCHITECTURE.md).  A base order ``m > 1`` is built by its *canonical*
+construction, chosen in this order: Paley I, Paley II, data file, Kronecker product of two constructible orders
+that are not powers of two (powers of two are the Sylvester factor's job; the first order that needs such a
+product is 1904 = 28 · 68).
+docs/hadamard_orders.md lists which orders up to 1024 are covered.
+
+Paley needs the quadratic character of GF(q) for prime powers ``q = p^k`` (9, 25, 27, 49, 81, 121, 125, ...):
+:class:`GaloisField` implements GF(p^k) as polynomials over GF(p) modulo a primitive polynomial found by search.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import operator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "GaloisField",
+    "base_order",
+    "construction",
+    "covered_orders",
+    "hadamard_matrix",
+    "is_constructible",
+    "uncovered_orders",
+]
+
+_DATA_DIR = Path(__file__).with_name("data")
+# Base orders read from data files: order -> (file name, description).  See tools/search_order_172.py.
+_DATA_FILES = {172: ("goethals_seidel_172.txt", "goethals-seidel(43) [data file]")}
+
+# Paley matrices are filled in row blocks of about this many entries, to bound temporaries for large q.
+_BLOCK_ENTRIES = 1 << 22
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Number theory and finite fields
+# --------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _prime_power(q: int) -> tuple[int, int] | None:
+    """``(p, k)`` with ``q == p**k`` for a prime ``p`` and ``k >= 1``, or None."""
+    if q < 2:
+        return None
+    p = next((f for f in range(2, math.isqrt(q) + 1) if q % f == 0), q)  # smallest prime factor
+    k = 0
+    while q % p == 0:
+        q //= p
+        k += 1
+    return (p, k) if q == 1 else None
+
+
+@functools.lru_cache(maxsize=None)
+def _primitive_polynomial(p: int, k: int) -> tuple[tuple[int, ...], np.ndarray]:
+    """The first monic degree-``k`` polynomial ``f`` over GF(p) (ordered by the integer ``sum f_j p^j``) for
+    which ``x`` generates the multiplicative group of GF(p)[x]/(f); and the powers of ``x``.
+
+    Returns ``(coeffs, exp)``: ``coeffs = (f_0, ..., f_{k-1})`` with ``f = x^k + sum f_j x^j``, and
+    ``exp[j]`` = the encoding (see :class:`GaloisField`) of ``x^j`` for ``j = 0 .. q-2``.  Such an ``f`` is
+    irreducible: if ``x`` has multiplicative order ``q - 1`` the quotient ring has ``q - 1`` units, i.e. it is
+    a field.  (For ``k == 1`` this is the search for a primitive root ``-f_0`` mod ``p``.)
+    """
+    q = p**k
+    for code in range(1, q):
+        coeffs = tuple((code // p**j) % p for j in range(k))
+        if coeffs[0] == 0:  # x would divide f: x is not a unit
+            continue
+        exp = np.empty(q - 1, dtype=np.int64)
+        power = [1] + [0] * (k - 1)  # coefficients of x^j, low degree first
+        for j in range(q - 1):
+            exp[j] = sum(c * p**i for i, c in enumerate(power))
+            if j > 0 and exp[j] == 1:
+                break  # x has order j < q - 1
+            carry = power[-1]  # multiply by x, then reduce x^k = -sum f_i x^i
+            power = [(lo - carry * f) % p for lo, f in zip([0] + power[:-1], coeffs)]
+        else:
+            exp.setflags(write=False)  # shared by every GaloisField(q)
+            return coeffs, exp
+    raise AssertionError(f"no primitive polynomial of degree {k} over GF({p})")  # impossible: one always exists
+
+
+class GaloisField:
+    """The finite field GF(q), ``q = p^k``, on integer-encoded elements.
+
+    The element ``c_0 + c_1 x + ... + c_{k-1} x^{k-1}`` of GF(p)[x]/(f) is encoded as the integer
+    ``sum c_j p^j`` in ``0 .. q-1`` (so 0 and 1 are the field's 0 and 1, and for ``k == 1`` the encoding is
+    the residue itself).  ``f`` is a primitive polynomial, so ``x`` generates the multiplicative group:
+    multiplication goes through log/exp tables and the quadratic character is the parity of the log.
+    All operations take ints or integer numpy arrays (broadcasting) and return numpy arrays.
+    """
+
+    def __init__(self, q: int):
+        pk = _prime_power(q)
+        if pk is None:
+            raise ValueError(f"GaloisField: q={q} is not a prime power")
+        self.p, self.k = pk
+        self.q = q
+        self.modulus, self._exp = _primitive_polynomial(self.p, self.k)
+        self._log = np.full(q, -1, dtype=np.int64)
+        self._log[self._exp] = np.arange(q - 1)
+        self._place = self.p ** np.arange(self.k)  # p^j, the weight of digit j
+
+    def __repr__(self) -> str:
+        return f"GaloisField({self.q})"
+
+    def _digitwise(self, a, b, sign: int) -> np.ndarray:
+        """Coefficient-wise ``a + sign * b`` mod p (addition in GF(p)[x])."""
+        a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+        out = np.zeros(np.broadcast_shapes(a.shape, b.shape), dtype=np.int64)
+        for place in self._place:
+            out += ((a // place + sign * (b // place)) % self.p) * place
+        return out
+
+    def add(self, a, b) -> np.ndarray:
+        return self._digitwise(a, b, 1)
+
+    def sub(self, a, b) -> np.ndarray:
+        return self._digitwise(a, b, -1)
+
+    def neg(self, a) -> np.ndarray:
+        return self._digitwise(0, a, -1)
+
+    def mul(self, a, b) -> np.ndarray:
+        a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+        product = self._exp[(self._log[a] + self._log[b]) % (self.q - 1)]
+        return np.where((a == 0) | (b == 0), 0, product)
+
+    def inv(self, a) -> np.ndarray:
+        a = np.asarray(a, dtype=np.int64)
+        if (a == 0).any():
+            raise ZeroDivisionError("GaloisField.inv: 0 has no inverse")
+        return self._exp[(-self._log[a]) % (self.q - 1)]
+
+    def quadratic_character(self, a) -> np.ndarray:
+        """``χ(a)``: 0 for 0, +1 for a nonzero square, -1 otherwise (int8)."""
+        log = self._log[np.asarray(a, dtype=np.int64)]
+        return np.where(log < 0, 0, 1 - 2 * (log % 2)).astype(np.int8)
+
+
+@functools.lru_cache(maxsize=16)
+def _field(q: int) -> GaloisField:
+    return GaloisField(q)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Which orders are constructible
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _recipe(m: int) -> tuple | None:
+    """The canonical construction of order ``m`` as a base order (without a Sylvester factor on top), or None.
+
+    ``("sylvester", m)`` for powers of two, ``("paley1", q)``, ``("paley2", q)``, ``("data", m)`` or
+    ``("kron", a, b)``.  Only cheap arithmetic: no matrix is built.
+    """
+    if _is_power_of_two(m):
+        return ("sylvester", m)
+    if m % 4:
+        return None
+    if (m - 1) % 4 == 3 and _prime_power(m - 1):
+        return ("paley1", m - 1)
+    if (m // 2 - 1) % 4 == 1 and _prime_power(m // 2 - 1):
+        return ("paley2", m // 2 - 1)
+    if m in _DATA_FILES:
+        return ("data", m)
+    # Both factors are multiples of 4 (Hadamard orders > 2) and not powers of two; smallest factor first.
+    for a in range(12, math.isqrt(m) + 1, 4):
+        b, rest = divmod(m, a)
+        if rest == 0 and b % 4 == 0 and not _is_power_of_two(a) and not _is_power_of_two(b):
+            if base_order(a) is not None and base_order(b) is not None:
+                return ("kron", a, b)
+    return None
+
+
+def _integer(n, name: str) -> int:
+    """``n`` as a Python int; ValueError (naming the nearest constructible orders) when it is not an integer."""
+    if not isinstance(n, bool):
+        try:
+            return operator.index(n)
+        except TypeError:
+            pass
+    nearby = ""
+    if isinstance(n, numbers.Real) and not isinstance(n, bool) and math.isfinite(n):
+        nearby = "; " + _nearest_text(math.floor(n), math.ceil(n))
+    raise ValueError(f"{name}: the order n must be an int, got n={n!r} ({type(n).__name__}){nearby}")
+
+
+def base_order(n: int) -> int | None:
+    """The smallest constructible order ``m`` with ``n = m · 2^k`` (``k >= 0``), or None if there is none.
+
+    ``base_order(1024) == 1``, ``base_order(768) == 12``, ``base_order(40) == 20``, ``base_order(11008) == 172``.
+    ``hadamard_matrix(n)`` is ``kron(hadamard_matrix(m), sylvester(n // m))``.  Cheap for any ``n`` (no matrix
+    is built); None for ``n < 1``.
+    """
+    n = _integer(n, "base_order")
+    if n < 1:
+        return None
+    m = n // (n & -n)  # odd part; then try m, 2m, 4m, ... (smallest first)
+    while m <= n:
+        if _recipe(m) is not None:
+            return m
+        m *= 2
+    return None
+
+
+def is_constructible(n: int) -> bool:
+    """Whether :func:`hadamard_matrix` can build order ``n``."""
+    return base_order(n) is not None
+
+
+def covered_orders(limit: int = 1024) -> list[int]:
+    """All constructible orders ``<= limit``, ascending (1, 2 and multiples of 4)."""
+    limit = _integer(limit, "covered_orders")
+    return [n for n in [1, 2, *range(4, limit + 1, 4)] if n <= limit and is_constructible(n)]
+
+
+def uncovered_orders(limit: int = 1024) -> list[int]:
+    """The multiples of 4 ``<= limit`` that hadakit cannot construct, ascending."""
+    limit = _integer(limit, "uncovered_orders")
+    return [n for n in range(4, limit + 1, 4) if not is_constructible(n)]
+
+
+def _nearest_text(below_from: int, above_from: int) -> str:
+    """'nearest constructible orders: B below, A above' for the nearest ones <= below_from and >= above_from."""
+    below = next((m for m in range(below_from, 0, -1) if is_constructible(m)), None)
+    above = next(m for m in range(max(above_from, 1), 2 * max(above_from, 1) + 1) if is_constructible(m))
+    if below is None:
+        return f"nearest constructible order: {above} (above)"
+    return f"nearest constructible orders: {below} below, {above} above"
+
+
+def _order(n, name: str) -> int:
+    """Validate ``n`` as a constructible order; ValueError naming the problem and the nearest orders otherwise."""
+    n = _integer(n, name)
+    if is_constructible(n):
+        return n
+    if n < 1:
+        why = "must be positive"
+    elif n % 4:
+        why = "is not a Hadamard order (Hadamard matrices exist only for n = 1, 2 and multiples of 4)"
+    else:
+        why = ("is a multiple of 4 that no supported construction reaches "
+               "(Sylvester, Paley I/II, Kronecker products, stored data; see docs/hadamard_orders.md)")
+    raise ValueError(f"{name}: n={n} {why}; {_nearest_text(n - 1, n + 1)}. "
+                     "Use a nearby order, or an orthogonal fallback for this size.")
+
+
+def construction(n: int) -> str:
+    """Human-readable construction of ``hadamard_matrix(n)``, e.g. ``"paley1(q=11) ⊗ sylvester(64)"``."""
+    n = _order(n, "construction")
+    m = base_order(n)
+    if m == 1:
+        return f"sylvester({n})"
+    return _describe_base(m) + (f" ⊗ sylvester({n // m})" if n > m else "")
+
+
+def _describe_base(m: int) -> str:
+    kind, *args = _recipe(m)
+    if kind == "paley1":
+        return f"paley1(q={args[0]})"
+    if kind == "paley2":
+        return f"paley2(q={args[0]})"
+    if kind == "data":
+        return _DATA_FILES[m][1]
+    factors = [construction(f) for f in args]  # kron of two orders
+    return " ⊗ ".join(f"({f})" if "⊗" in f else f for f in factors)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building the matrices (int8 numpy, cached, read-only)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sylvester(n: int) -> np.ndarray:
+    h = np.ones((1, 1), dtype=np.int8)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def _jacobsthal(q: int) -> np.ndarray:
+    """``Q[i, j] = χ(a_i - a_j)`` over GF(q) (elements in their integer encoding), int8, filled in row blocks."""
+    field = _field(q)
+    elements = np.arange(q)
+    out = np.empty((q, q), dtype=np.int8)
+    rows = max(1, _BLOCK_ENTRIES // q)
+    for start in range(0, q, rows):
+        block = elements[start : start + rows, None]
+        out[start : start + rows] = field.quadratic_character(field.sub(block, elements[None, :]))
+    return out
+
+
+def _paley1(q: int) -> np.ndarray:
+    """Order q + 1, q ≡ 3 mod 4: ``H = I + S`` with the skew conference matrix ``S = [[0, 1ᵀ], [-1, Q]]``."""
+    h = np.ones((q + 1, q + 1), dtype=np.int8)
+    h[1:, 0] = -1
+    h[1:, 1:] = _jacobsthal(q) + np.eye(q, dtype=np.int8)
+    return h
+
+
+def _paley2(q: int) -> np.ndarray:
+    """Order 2(q + 1), q ≡ 1 mod 4: the symmetric conference matrix ``S = [[0, 1ᵀ], [1, Q]]`` expanded as
+    ``S ⊗ [[1, 1], [1, -1]] + I ⊗ [[1, -1], [-1, -1]]`` (each 0 of S becomes a ±1 block)."""
+    s = np.zeros((q + 1, q + 1), dtype=np.int8)
+    s[0, 1:] = 1
+    s[1:, 0] = 1
+    s[1:, 1:] = _jacobsthal(q)
+    one = np.array([[1, 1], [1, -1]], dtype=np.int8)
+    zero = np.array([[1, -1], [-1, -1]], dtype=np.int8)
+    return np.kron(s, one) + np.kron(np.eye(q + 1, dtype=np.int8), zero)
+
+
+def _goethals_seidel(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """The Goethals–Seidel array of the circulants with first rows a, b, c, d (order 4·len(a))."""
+    n = len(a)
+    index = (np.arange(n)[None, :] - np.arange(n)[:, None]) % n  # circulant: X[i, j] = x[(j - i) mod n]
+    A, B, C, D = (np.asarray(x, dtype=np.int8)[index] for x in (a, b, c, d))
+    R = np.eye(n, dtype=np.int8)[::-1]
+    return np.block([
+        [A, B @ R, C @ R, D @ R],
+        [-B @ R, A, D.T @ R, -C.T @ R],
+        [-C @ R, -D.T @ R, A, B.T @ R],
+        [-D @ R, C.T @ R, -B.T @ R, A],
+    ])
+
+
+def _from_data_file(m: int) -> np.ndarray:
+    path = _DATA_DIR / _DATA_FILES[m][0]
+    lines = [s.strip() for s in path.read_text().splitlines() if s.strip() and not s.lstrip().startswith("#")]
+    if len(lines) != 4 or any(len(s) != m // 4 or set(s) - {"+", "-"} for s in lines):
+        raise RuntimeError(f"corrupt Hadamard data file {path}: expected 4 lines of {m // 4} '+'/'-' characters")
+    h = _goethals_seidel(*(np.array([1 if ch == "+" else -1 for ch in s]) for s in lines))
+    h64 = h.astype(np.int64)
+    if not np.array_equal(h64 @ h64.T, m * np.eye(m, dtype=np.int64)):
+        raise RuntimeError(f"corrupt Hadamard data file {path}: the matrix it gives is not Hadamard (H Hᵀ != {m} I)")
+    return h
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard_int8(n: int) -> np.ndarray:
+    """The Hadamard matrix of constructible order ``n`` as a read-only int8 array (cached; never mutate)."""
+    m = base_order(n)
+    if m == 1:
+        h = _sylvester(n)
+    elif m < n:
+        h = np.kron(_hadamard_int8(m), _sylvester(n // m))
+    else:
+        kind, *args = _recipe(m)
+        if kind == "paley1":
+            h = _paley1(args[0])
+        elif kind == "paley2":
+            h = _paley2(args[0])
+        elif kind == "data":
+            h = _from_data_file(m)
+        else:  # kron of two base orders
+            h = np.kron(_hadamard_int8(args[0]), _hadamard_int8(args[1]))
+    h.setflags(write=False)
+    return h
+
+
+def hadamard_matrix(n: int, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The exact ±1 Hadamard matrix of order ``n`` (``H @ H.T == n * I``), unnormalized.
+
+    ``n`` must be constructible (:func:`is_constructible`): 1, 2, or a multiple of 4 reached by Sylvester,
+    Paley I/II, Kronecker products or a stored data file; otherwise ValueError names the nearest constructible
+    orders.  With ``m = base_order(n)``, the result equals ``kron(hadamard_matrix(m), sylvester(n // m))``.
+    The construction is cached; each call returns a new tensor, safe to modify in place.
+    """
+    return torch.tensor(_hadamard_int8(_order(n, "hadamard_matrix")), dtype=dtype, device=device)

@@ -1,0 +1,96 @@
+"""The ``hadakit::hadamard`` custom op: one primitive behind every transform, with autograd and a fake kernel.
+
+Registering through ``torch.library.custom_op`` (with ``register_fake``) lets ``torch.compile(fullgraph=True)``
+trace models that call it without a graph break, and ``register_autograd`` gives it a backward that is the same op
+with ``transpose`` flipped (the transform is linear, so its vector-Jacobian product is the transposed transform).
+
+Backend choice, per call: the Triton kernel for CUDA tensors of float32/float16/bfloat16 when Triton is installed,
+else the portable PyTorch backend. ``HADAKIT_BACKEND=torch|triton`` forces one (``triton`` on CPU tensors needs
+``TRITON_INTERPRET=1``; that is how CI tests the kernel without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from hadakit.kernels.torch_hadamard import torch_hadamard
+from hadakit.transforms.plan import base_matrix
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Limits of the Triton kernel (see kernels/triton_hadamard.py); larger blocks take the portable path.
+_TRITON_MAX_BASE = 256
+_TRITON_MAX_POW2 = 1 << 15
+
+
+def _triton():
+    try:
+        from hadakit.kernels import triton_hadamard as mod
+    except Exception:  # triton missing or broken: the portable path still works
+        return None
+    return mod if mod.triton_available() else None
+
+
+def _use_triton(x: torch.Tensor, base: Optional[torch.Tensor], block: int) -> bool:
+    forced = os.environ.get("HADAKIT_BACKEND", "auto").lower()
+    if forced == "torch":
+        return False
+    m = 1 if base is None else base.shape[0]
+    fits = x.dtype in _TRITON_DTYPES and m <= _TRITON_MAX_BASE and block // m <= _TRITON_MAX_POW2
+    if forced == "triton":
+        if not fits:
+            raise ValueError(
+                f"HADAKIT_BACKEND=triton: the Triton kernel supports float32/float16/bfloat16, base order <= "
+                f"{_TRITON_MAX_BASE} and power-of-two factor <= {_TRITON_MAX_POW2}; got dtype {x.dtype}, "
+                f"block {block} = {m}·{block // m}. Unset HADAKIT_BACKEND to use the portable path."
+            )
+        if _triton() is None:
+            raise RuntimeError("HADAKIT_BACKEND=triton but Triton is not usable here (install hadakit[triton]; "
+                               "on a machine without a GPU also set TRITON_INTERPRET=1).")
+        return True
+    return x.is_cuda and fits and _triton() is not None
+
+
+@torch.library.custom_op("hadakit::hadamard", mutates_args=())
+def hadamard(
+    x: torch.Tensor,
+    signs: Optional[torch.Tensor],
+    block: int,
+    base_kind: str,
+    base_order: int,
+    base_seed: int,
+    scale: float,
+    transpose: bool,
+) -> torch.Tensor:
+    """Blockwise ``scale·(base ⊗ H)·D`` (or its transpose) along the last dim; see docs/ARCHITECTURE.md.
+
+    The base matrix is named by ``(base_kind, base_order, base_seed)`` (a ``TransformPlan``) and looked up here,
+    inside the op, so that ``torch.compile`` sees only scalars and never traces the matrix constructions.
+    """
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    x = x.contiguous()
+    base = base_matrix(base_kind, base_order, base_seed, x.device, x.dtype)
+    if _use_triton(x, base, block):
+        return _triton().triton_hadamard(x, base, signs, block, scale, transpose)
+    return torch_hadamard(x, base, signs, block, scale, transpose)
+
+
+@hadamard.register_fake
+def _hadamard_fake(x, signs, block, base_kind, base_order, base_seed, scale, transpose):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.args = inputs[1:-1]  # signs, block, base_kind, base_order, base_seed, scale
+    ctx.transpose = inputs[-1]
+
+
+def _backward(ctx, grad):
+    g = hadamard(grad, *ctx.args, not ctx.transpose)
+    return (g,) + (None,) * 7
+
+
+hadamard.register_autograd(_backward, setup_context=_setup_context)
