@@ -9,6 +9,7 @@ MODULES = [
     "hadakit",
     "hadakit.transforms.functional",
     "hadakit.transforms.rotations",
+    "hadakit.formats",
 ]
 
 
