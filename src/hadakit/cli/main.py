@@ -49,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reps", type=int, default=None, help="timed repetitions per point (median is reported)")
     b.add_argument("--out", default="hadakit-bench", help="output folder for the JSON and PNG")
     b.set_defaults(func=_cmd_bench)
+
+    from hadakit.cli import quantize as q
+
+    qp = sub.add_parser("quantize", help="rotate and quantize a model; --compare prints a perplexity table")
+    q.add_arguments(qp)
+    qp.set_defaults(func=q.run_quantize)
+
+    e = sub.add_parser("eval", help="evaluate a saved hadakit checkpoint (reproduces its saved perplexity)")
+    e.add_argument("checkpoint", help="directory written by `hadakit quantize --out`")
+    e.add_argument("--text", default=None, help="evaluate on another text (default: the saved run's windows)")
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=q.run_eval)
     return parser
 
 
@@ -56,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as exc:
         print(f"hadakit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

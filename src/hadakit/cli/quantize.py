@@ -1,0 +1,112 @@
+"""``hadakit quantize`` and ``hadakit eval``: the model pipeline from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face model directory or .gguf file (default: the built-in Gemma 3 270M)")
+    p.add_argument("--recipe", action="append", default=None,
+                   help="recipe NAME[:ROTATION[:METHOD]] (e.g. w4a4:random:gptq, w4a16_g128:block-128:gptq) or a "
+                        "recipe .json file; repeat with --compare")
+    p.add_argument("--compare", action="store_true", help="run several recipes and print one table")
+    p.add_argument("--full", action="store_true", help="with --compare: every row of the peer table (slower)")
+    p.add_argument("--text", default="hamlet", help="evaluation text: built-in play name or a text file")
+    p.add_argument("--windows", type=int, default=8, help="evaluation windows")
+    p.add_argument("--window-len", type=int, default=512, help="tokens per evaluation window (BOS added)")
+    p.add_argument("--calib-text", default="lear", help="calibration text (never the evaluation text)")
+    p.add_argument("--calib-windows", type=int, default=None, help="calibration windows for GPTQ")
+    p.add_argument("--calib-len", type=int, default=None, help="tokens per calibration window")
+    p.add_argument("--out", default=None, help="write the quantized model as a packed checkpoint here")
+    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--results", default="hadakit-results", help="folder for the comparison JSON and Markdown")
+    p.add_argument("--no-samples", action="store_true", help="skip the greedy-decoded sample lines")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def _log(msg: str) -> None:
+    print(f"  … {msg}", file=sys.stderr, flush=True)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from hadakit.models import TextWindows, load_model
+    from hadakit.models.compare import FULL_RECIPES, QUICK_RECIPES, run_comparison
+
+    if args.out and Path(args.out).exists() and not args.force:
+        raise FileExistsError(f"output directory {args.out} already exists; pass --force to replace it")
+    if args.out and args.compare:
+        raise ValueError("--out saves one quantized model: use it with a single --recipe, not --compare")
+    recipes = args.recipe or (list(FULL_RECIPES if args.full else QUICK_RECIPES) if args.compare
+                              else ["w4a4:random:gptq"])
+    if not args.compare and len(recipes) > 1:
+        raise ValueError("several --recipe values need --compare")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    eval_windows = TextWindows(text=args.text, window=args.window_len, n_windows=args.windows)
+    t0 = time.perf_counter()
+    _log(f"loading {args.model or 'the built-in Gemma 3 270M (GGUF)'}")
+    model, tokenizer = load_model(args.model, device=device)
+    model_name = str(args.model or "gemma-3-270m (Q4_K_M GGUF, dequantized to fp32)")
+    _log(f"loaded in {time.perf_counter() - t0:.0f} s")
+
+    from hadakit.models.compare import CompareResult
+
+    def show(row):
+        print(f"{row.label:<28} PPL {row.ppl:>10.2f}  x{row.ppl_ratio:.3f}  bits/w {row.weight_bits:.3f}  "
+              f"quantize {row.quantize_s:.1f}s  eval {row.eval_s:.1f}s", flush=True)
+        for s in row.samples:
+            print(f"    {s!r}", flush=True)
+
+    result: CompareResult = run_comparison(
+        model, tokenizer, recipes if args.compare else ["fp", recipes[0]], model_name=model_name,
+        eval_windows=eval_windows, calib_text=args.calib_text, calib_windows=args.calib_windows,
+        calib_len=args.calib_len, prompts=() if args.no_samples else ("To be, or not to be,", "My lord, the king"),
+        progress=_log, on_row=show, keep_last=bool(args.out))
+    print()
+    print(result.table())
+    out_dir = Path(args.results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = "compare" if args.compare else "quantize"
+    (out_dir / f"{stamp}.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    (out_dir / f"{stamp}.md").write_text(result.markdown() + "\n")
+    print(f"\nwrote {out_dir / (stamp + '.json')} and {out_dir / (stamp + '.md')} "
+          f"(total {time.perf_counter() - t0:.0f} s)")
+    if args.out:
+        from hadakit.models.checkpoint import checkpoint_size_bytes, save_quantized_model
+        from hadakit.models.recipes import get_recipe
+
+        row = result.rows[-1]
+        path = save_quantized_model(result.last_model, tokenizer, get_recipe(recipes[0]), args.out, force=args.force,
+                                    extra=dict(eval=eval_windows.to_dict(), ppl=row.ppl, source=model_name))
+        print(f"saved {path} ({checkpoint_size_bytes(path) / 1e6:.1f} MB); reproduce with: hadakit eval {path}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from hadakit.models import TextWindows, perplexity
+    from hadakit.models.checkpoint import load_quantized_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = Path(args.checkpoint)
+    model, tokenizer = load_quantized_model(path, device=device)
+    meta = json.loads((path / "hadakit.json").read_text())
+    saved = meta.get("eval")
+    windows = TextWindows(**saved) if saved and args.text is None else TextWindows(text=args.text or "hamlet")
+    if tokenizer is None:
+        raise ValueError(f"{path} holds no tokenizer: cannot build evaluation windows")
+    ppl = perplexity(model, windows.build(tokenizer).to(device), progress=True)
+    print(f"{path}: PPL {ppl:.4f} on {windows.n_windows}×{windows.window} tokens of {windows.text}")
+    if saved and args.text is None and meta.get("ppl") is not None:
+        same = ppl == meta["ppl"]
+        print(f"saved run: PPL {meta['ppl']:.4f} — {'identical' if same else 'DIFFERENT'}")
+        return 0 if same else 1
+    return 0

@@ -1,0 +1,194 @@
+"""Packed checkpoints of quantized models: save, and load back as an ordinary transformers model.
+
+A checkpoint directory holds ``config.json`` and the tokenizer (transformers' own files), ``recipe.json`` (the
+``QuantRecipe``), ``hadakit.json`` (format version, model class, and per quantized linear its rotation) and
+``model.safetensors``: for each quantized linear the packed weight (payload, scales, zero points, tensor scale, as
+``QuantizedTensor.state_dict`` lays them out), its bias and rotation signs; every other tensor as it is in the model.
+The size on disk is the real compressed size. Writing goes to a temporary sibling directory that is renamed into
+place at the end, so an interrupted save leaves nothing half-written, and an existing directory is only replaced
+with ``force=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hadakit.formats import QuantizedTensor, get_scheme
+from hadakit.models.qlinear import RotatedQuantLinear
+from hadakit.models.recipes import QuantRecipe
+
+FORMAT_VERSION = 1
+_WEIGHTS = "model.safetensors"
+_META = "hadakit.json"
+_RECIPE = "recipe.json"
+
+
+def _rotation_meta(rot) -> dict | None:
+    if rot is None:
+        return None
+    return dict(n=rot.n, block_size=rot.block_size, signs=rot.sign_mode, seed=rot.seed, fallback=rot.fallback,
+                fallback_seed=rot.fallback_seed)
+
+
+def _prepare_config(model: nn.Module):
+    cfg = model.config
+    # A GGUF-loaded model carries its file's quantization settings; the checkpoint holds dequantized tensors.
+    for attr in ("quantization_config",):
+        if hasattr(cfg, attr):
+            try:
+                delattr(cfg, attr)
+            except AttributeError:
+                pass
+    return cfg
+
+
+def save_quantized_model(model: nn.Module, tokenizer: Any, recipe: QuantRecipe, out_dir: str | Path, *,
+                         force: bool = False, extra: dict | None = None) -> Path:
+    """Write ``model`` (after ``quantize_model``) to ``out_dir``; see the module docstring."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise FileExistsError(f"output directory {out} already exists; pass force=True (--force) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        linears: dict[str, dict] = {}
+        qnames = set()
+        for name, mod in model.named_modules():
+            if isinstance(mod, RotatedQuantLinear):
+                qnames.add(name)
+                meta = dict(in_features=mod.in_features, out_features=mod.out_features,
+                            rotation=_rotation_meta(mod.rotation),
+                            act_scheme=mod.act_scheme.to_dict() if mod.act_scheme is not None else None,
+                            packed=mod.packed is not None)
+                linears[name] = meta
+                if mod.packed is not None:
+                    tensors.update(mod.packed.cpu().state_dict(f"{name}.qweight."))
+                else:
+                    tensors[f"{name}.weight"] = mod.weight.detach().cpu().contiguous()
+                if mod.bias is not None:
+                    tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
+                if mod.rotation is not None and mod.rotation.signs is not None:
+                    tensors[f"{name}.rotation.signs"] = mod.rotation.signs.detach().cpu().contiguous()
+        seen: dict[int, str] = {}
+        tied: dict[str, str] = {}
+        for key, t in model.state_dict().items():
+            owner = key.rsplit(".", 1)[0]
+            if any(key.startswith(q + ".") for q in qnames) or owner in qnames:
+                continue
+            ptr = t.data_ptr()
+            if ptr in seen and t.numel() > 0:  # tied weights (e.g. lm_head = embed_tokens): store once
+                tied[key] = seen[ptr]
+                continue
+            seen[ptr] = key
+            tensors[key] = t.detach().cpu().contiguous()
+        save_file(tensors, str(tmp / _WEIGHTS))
+        _prepare_config(model).save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        recipe.save(tmp / _RECIPE)
+        meta = dict(format_version=FORMAT_VERSION, model_class=type(model).__name__, linears=linears, tied=tied,
+                    **(extra or {}))
+        (tmp / _META).write_text(json.dumps(meta, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def checkpoint_size_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _build_rotation(meta: dict | None, signs: torch.Tensor | None):
+    if meta is None:
+        return None
+    from hadakit.transforms import HadamardRotation
+
+    rot = HadamardRotation(meta["n"], block_size=meta["block_size"], signs=meta["signs"], seed=meta["seed"],
+                           fallback=meta["fallback"], fallback_seed=meta.get("fallback_seed", 0))
+    if signs is not None:
+        rot.signs.copy_(signs)
+    return rot
+
+
+def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """Load a checkpoint written by ``save_quantized_model``: an ordinary transformers model (same ``forward``,
+    returns logits) whose quantized linears are ``RotatedQuantLinear`` modules, and its tokenizer."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from hadakit.models.kv_cache import install_kv_quantization
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {root} does not exist")
+    for f in (_META, _RECIPE, _WEIGHTS, "config.json"):
+        if not (root / f).is_file():
+            raise ValueError(f"{root} is not a hadakit checkpoint: {f} is missing (write one with "
+                             f"`hadakit quantize ... --out DIR`)")
+    meta = json.loads((root / _META).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{root}: checkpoint format {meta.get('format_version')} is not supported "
+                         f"(this hadakit reads format {FORMAT_VERSION})")
+    recipe = QuantRecipe.load(root / _RECIPE)
+    config = transformers.AutoConfig.from_pretrained(root)
+    cls = getattr(transformers, meta["model_class"], None)
+    if cls is None:
+        raise ValueError(f"{root}: model class {meta['model_class']} is not in this transformers version")
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every tensor is overwritten from the checkpoint: skip the random init
+        model = cls._from_config(config, dtype=torch.float32)
+    try:
+        state = load_file(str(root / _WEIGHTS))
+    except Exception as exc:
+        raise ValueError(f"{root / _WEIGHTS} could not be read ({exc}); the checkpoint is corrupt") from None
+
+    for name, lm in meta["linears"].items():
+        prefix = f"{name}.qweight."
+        if lm["packed"]:
+            packed = QuantizedTensor.from_state_dict(state, prefix)
+            for k in [k for k in state if k.startswith(prefix)]:
+                del state[k]
+            weight = packed.dequantize(torch.float32)
+        else:
+            packed, weight = None, state.pop(f"{name}.weight")
+        bias = state.pop(f"{name}.bias", None)
+        rotation = _build_rotation(lm["rotation"], state.pop(f"{name}.rotation.signs", None))
+        act = get_scheme(lm["act_scheme"]) if lm["act_scheme"] is not None else None
+        new = RotatedQuantLinear(lm["in_features"], lm["out_features"], weight=weight, bias=bias, packed=packed,
+                                 rotation=rotation, act_scheme=act)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    for key, src in meta.get("tied", {}).items():
+        state[key] = state[src]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # The quantized linears were built complete above; their own keys are not in `state`.
+    missing = [k for k in missing if not any(k.startswith(n + ".") for n in meta["linears"])]
+    if missing or unexpected:
+        raise ValueError(f"{root}: checkpoint does not match the model (missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]})")
+    model.eval().to(device)
+    if recipe.kv is not None:
+        install_kv_quantization(model, recipe.kv, rotate=recipe.kv_rotation)
+    tokenizer = None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(root)
+    except Exception:  # a checkpoint saved without a tokenizer still loads
+        pass
+    return model, tokenizer

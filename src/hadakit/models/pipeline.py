@@ -1,0 +1,243 @@
+"""Rotate and quantize a model: RTN or GPTQ weights, dynamic per-token activations, KV cache.
+
+Architecture-agnostic: every ``nn.Linear`` (and GPT-2's ``Conv1D``) outside ``recipe.skip`` becomes a
+``RotatedQuantLinear`` with an online rotation on its input; nothing assumes one family's norm layout. GPTQ
+calibrates one decoder layer at a time: the inputs of the first layer are captured once, then each layer's linears
+collect Hessians of their (rotated) inputs, are quantized, and the quantized layer's outputs become the next layer's
+inputs — so only one layer's weights and activations need to be on the device at a time.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from hadakit.formats import get_scheme, quantize
+from hadakit.models.gptq import HessianAccumulator, gptq_quantize
+from hadakit.models.kv_cache import install_kv_quantization
+from hadakit.models.qlinear import RotatedQuantLinear
+from hadakit.models.quantizers import SchemeGroupQuantizer
+from hadakit.models.recipes import QuantRecipe
+from hadakit.transforms import HadamardRotation, transform_plan
+
+
+@dataclass
+class QuantizationReport:
+    recipe: QuantRecipe
+    quantized: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    fallbacks: dict[str, str] = field(default_factory=dict)  # layer -> construction used instead of a Hadamard
+    kv_modules: int = 0
+    seconds: float = 0.0
+    weight_bits: float = 0.0  # bits per quantized weight element, scales included
+    peak_memory_mb: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"{self.recipe.label()}: {len(self.quantized)} linears quantized, {len(self.skipped)} kept in full "
+                 f"precision ({', '.join(sorted(set(self.skipped)))[:200] or '-'})"]
+        if self.fallbacks:
+            lines.append(f"  no Hadamard for {len(self.fallbacks)} layer size(s); orthogonal fallback used: "
+                         + "; ".join(f"{k}: {v}" for k, v in list(self.fallbacks.items())[:4]))
+        if self.kv_modules:
+            lines.append(f"  KV cache quantized in {self.kv_modules} attention modules")
+        return "\n".join(lines)
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
+
+
+def linear_weight(mod: nn.Module) -> torch.Tensor:
+    """The weight as ``[out, in]`` (GPT-2's Conv1D stores it transposed)."""
+    return mod.weight.t() if _is_conv1d(mod) else mod.weight
+
+
+def find_linears(model: nn.Module, recipe: QuantRecipe) -> tuple[dict[str, nn.Module], list[str]]:
+    chosen, skipped = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) or _is_conv1d(mod):
+            if any(s in name for s in recipe.skip):
+                skipped.append(name)
+            else:
+                chosen[name] = mod
+    return chosen, skipped
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of repeated blocks: the largest ``nn.ModuleList`` whose items hold linears."""
+    best = None
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and \
+                any(isinstance(m, nn.Linear) or _is_conv1d(m) for m in mod[0].modules()):
+            if best is None or len(mod) > len(best):
+                best = mod
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: found no stack of layers (nn.ModuleList of blocks with linears)")
+    return best
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _layer_seed(base: int, name: str) -> int:
+    return base * 1_000_003 + zlib.crc32(name.encode())  # a distinct, reproducible seed per layer
+
+
+def make_rotation(recipe: QuantRecipe, name: str, n: int, report: QuantizationReport | None = None
+                  ) -> HadamardRotation | None:
+    rot = recipe.rotation
+    if rot.kind == "none":
+        return None
+    block = rot.block_size if rot.kind == "block" else None
+    try:
+        plan = transform_plan(n, block_size=block, fallback=rot.fallback)
+    except ValueError as exc:
+        raise ValueError(f"layer {name}: {exc}") from None
+    if not plan.is_hadamard and report is not None:
+        report.fallbacks[name] = plan.construction
+    signs = "fixed" if rot.kind == "random" else "none"
+    return HadamardRotation(n, block_size=block, signs=signs, seed=_layer_seed(rot.seed, name),
+                            fallback=rot.fallback)
+
+
+def _quantize_weight(w_rot: torch.Tensor, recipe: QuantRecipe, hessian: torch.Tensor | None):
+    """Packed + dequantized rotated weight with the recipe's weight scheme and method."""
+    scheme = get_scheme(recipe.weight)
+    if recipe.method == "gptq" and hessian is not None:
+        gq = SchemeGroupQuantizer(scheme, w_rot)
+        gptq_quantize(w_rot, hessian, gq, recipe.gptq)
+        packed = gq.packed()
+    else:
+        packed = quantize(w_rot.float(), scheme)
+    return packed, packed.dequantize(w_rot.dtype)
+
+
+def _replace(model, name, mod, recipe, report, hessian=None, rotation=None) -> None:
+    w = linear_weight(mod).detach()
+    if rotation is None:
+        rotation = make_rotation(recipe, name, w.shape[1], report)
+    w_rot = rotation(w) if rotation is not None else w
+    packed, w_q = (None, w_rot.clone()) if recipe.weight is None else _quantize_weight(w_rot, recipe, hessian)
+    bias = mod.bias.detach() if mod.bias is not None else None
+    new = RotatedQuantLinear(w.shape[1], w.shape[0], weight=w_q, bias=bias, packed=packed, rotation=rotation,
+                             act_scheme=get_scheme(recipe.act) if recipe.act is not None else None)
+    _set_module(model, name, new.to(w.device))
+    report.quantized.append(name)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor
+                         ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Inputs of ``layers[0]`` for every window, and the keyword arguments each layer receives.
+
+    Keyword arguments (masks, position embeddings) depend only on the sequence length here (same-length windows, no
+    padding), so one full forward records them for every layer; the first layer's inputs are then captured per
+    window by stopping the forward at layer 0.
+    """
+    per_layer_kwargs: list[dict[str, Any]] = [{} for _ in layers]
+    hooks = []
+    for i, layer in enumerate(layers):
+        def rec(mod, args, kwargs, i=i):
+            per_layer_kwargs[i] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        hooks.append(layer.register_forward_pre_hook(rec, with_kwargs=True))
+    try:
+        model(windows[:1], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    inputs: list[torch.Tensor] = []
+
+    def catch(mod, args, kwargs):
+        inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _StopForward
+
+    h = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for j in range(windows.shape[0]):
+            try:
+                model(windows[j:j + 1], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        h.remove()
+    return inputs, per_layer_kwargs
+
+
+def _call_layer(layer, hidden, kwargs):
+    kw = dict(kwargs)
+    kw.pop("hidden_states", None)
+    return _first_tensor(layer(hidden, **kw))
+
+
+@torch.no_grad()
+def _gptq_layerwise(model, recipe, linears, windows, report, progress: Callable[[str], None] | None):
+    layers = find_decoder_layers(model)
+    inputs, kwargs = capture_layer_inputs(model, layers, windows)
+    done = set()
+    for i, layer in enumerate(layers):
+        names = {n: m for n, m in linears.items() if any(m is mm for mm in layer.modules())}
+        rotations = {n: make_rotation(recipe, n, linear_weight(m).shape[1], report) for n, m in names.items()}
+        accs = {n: HessianAccumulator(linear_weight(m).shape[1], device=inputs[0].device) for n, m in names.items()}
+        hooks = []
+        for n, m in names.items():
+            def hook(mod, args, n=n):
+                x = args[0]
+                rot = rotations[n]
+                accs[n].add(rot(x) if rot is not None else x)
+            hooks.append(m.register_forward_pre_hook(hook))
+        for x in inputs:
+            _call_layer(layer, x, kwargs[i])
+        for h in hooks:
+            h.remove()
+        for n, m in names.items():
+            _replace(model, n, m, recipe, report, hessian=accs[n].h, rotation=rotations[n])
+            done.add(n)
+        inputs = [_call_layer(layer, x, kwargs[i]) for x in inputs]
+        if progress:
+            progress(f"GPTQ layer {i + 1}/{len(layers)}")
+    return done
+
+
+def quantize_model(model: nn.Module, recipe: QuantRecipe, *, calib: torch.Tensor | None = None,
+                   progress: Callable[[str], None] | None = None) -> QuantizationReport:
+    """Rotate and quantize ``model`` in place following ``recipe``; ``calib`` ([n, len] token ids) feeds GPTQ."""
+    t0 = time.perf_counter()
+    report = QuantizationReport(recipe)
+    model.eval()
+    if recipe.quantizes_linears:
+        linears, report.skipped = find_linears(model, recipe)
+        if not linears:
+            raise ValueError(f"{type(model).__name__}: no linear layer to quantize (all matched skip={recipe.skip})")
+        done: set[str] = set()
+        if recipe.method == "gptq" and recipe.weight is not None:
+            if calib is None:
+                raise ValueError("GPTQ needs calibration windows (calib=...)")
+            done = _gptq_layerwise(model, recipe, linears, calib, report, progress)
+        for name, mod in linears.items():  # RTN, and linears outside the layer stack
+            if name not in done:
+                _replace(model, name, mod, recipe, report)
+        qmods = [m for m in model.modules() if isinstance(m, RotatedQuantLinear) and m.packed is not None]
+        if qmods:
+            bits = sum(m.packed.bits_per_element * m.weight.numel() for m in qmods)
+            report.weight_bits = bits / sum(m.weight.numel() for m in qmods)
+    if recipe.kv is not None:
+        report.kv_modules = install_kv_quantization(model, recipe.kv, rotate=recipe.kv_rotation)
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -1,0 +1,187 @@
+"""Quantization recipes: what to quantize in a model, with which format, rotation and weight method.
+
+A recipe is a frozen dataclass that serializes to JSON and is saved beside every result, so each number can be
+reproduced from its file. Scheme names follow the peer pipelines' meanings so rows compare one to one:
+
+====================  ==========================================================================================
+preset                meaning
+====================  ==========================================================================================
+``fp``                nothing quantized (the reference)
+``w8a8``              INT8 symmetric per-channel weights, INT8 symmetric per-token dynamic activations
+``w4a16``             INT4 symmetric per-channel weights, activations in full precision
+``w4a16_g128``        INT4 symmetric weights in groups of 128 (fp16 scales), activations in full precision
+``w4a4``              INT4 symmetric weights g128, INT4 symmetric per-token dynamic activations
+``w4a4kv4``           ``w4a4`` plus a 4-bit KV cache (asymmetric, per head per token, after a Hadamard on head_dim)
+``mxfp4``             MXFP4 weights and activations (E2M1, blocks of 32, E8M0 scales, OCP floor rule)
+``nvfp4_w``           NVFP4 weights only (E2M1, blocks of 16, E4M3 scales, fp32 tensor scale)
+``nvfp4``             NVFP4 weights and activations (activations per token, dynamic)
+``kv4`` / ``kv2``     only the KV cache, 4 / 2 bits
+====================  ==========================================================================================
+
+Rotation (``RotationConfig.kind``): ``none``; ``hadamard`` (an online ``H`` on the input of every quantized linear,
+``y = Q(x·Hᵀ)·Q(W·Hᵀ)ᵀ``, exact before quantization since ``HᵀH = I``); ``random`` (``H·D`` with seeded signs, a
+different seed per layer); ``block`` (block-diagonal ``H`` of ``block_size``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hadakit.models.gptq import GPTQConfig
+
+ROTATIONS = ("none", "hadamard", "random", "block")
+METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    kind: str = "none"
+    block_size: int | None = None
+    seed: int = 0
+    # Sizes without a Hadamard matrix: "dct" / "random" orthogonal fallback (reported per layer), or None to refuse.
+    fallback: str | None = "dct"
+
+    def __post_init__(self):
+        if self.kind not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.kind!r}")
+        if self.kind == "block" and not self.block_size:
+            raise ValueError("rotation 'block' needs a block_size (e.g. 32 or 128)")
+
+    def label(self) -> str:
+        return f"block-{self.block_size}" if self.kind == "block" else self.kind
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """What to quantize and how. ``None`` for a scheme leaves that tensor in full precision.
+
+    Args:
+        name: the preset's name (informational).
+        weight: weight scheme preset of ``hadakit.formats`` (groups along the input dimension).
+        act: activation scheme (per token, computed dynamically at every forward).
+        kv: KV-cache scheme (applied per head and token, along head_dim, after a Hadamard on head_dim).
+        method: weight quantizer: ``rtn`` (round to nearest) or ``gptq``.
+        gptq: GPTQ settings.
+        rotation: the online rotation of every quantized linear's input.
+        kv_rotation: Hadamard on head_dim before the KV quantizer (keys after RoPE).
+        skip: module-name substrings left in full precision (embeddings and the LM head by default).
+        calib_windows / calib_len: calibration data for GPTQ (windows of calib_len tokens from the calibration text).
+    """
+
+    name: str = "custom"
+    weight: str | dict | None = None
+    act: str | dict | None = None
+    kv: str | dict | None = None
+    method: str = "rtn"
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
+    kv_rotation: bool = True
+    skip: tuple[str, ...] = ("lm_head", "embed")
+    calib_windows: int = 32
+    calib_len: int = 512
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        from hadakit.formats import get_scheme  # validate scheme names early, with the formats layer's message
+
+        for s in (self.weight, self.act, self.kv):
+            if s is not None:
+                get_scheme(s)
+
+    @property
+    def quantizes_linears(self) -> bool:
+        """Whether linears are replaced (a rotation alone replaces them too: the exactness check)."""
+        return self.weight is not None or self.act is not None or self.rotation.kind != "none"
+
+    def label(self) -> str:
+        """Short row label, e.g. ``w4a4 random gptq``."""
+        if not self.quantizes_linears and self.kv is None:
+            return self.name
+        parts = [self.name, self.rotation.label()]
+        if self.weight is not None:
+            parts.append(self.method)
+        return " ".join(parts)
+
+    def with_options(self, *, rotation: str | None = None, block_size: int | None = None, method: str | None = None,
+                     seed: int | None = None) -> "QuantRecipe":
+        rot = self.rotation
+        if rotation is not None or block_size is not None or seed is not None:
+            rot = dataclasses.replace(rot, kind=rotation or rot.kind, block_size=block_size or rot.block_size,
+                                      seed=rot.seed if seed is None else seed)
+        return dataclasses.replace(self, rotation=rot, method=method or self.method)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantRecipe":
+        d = dict(d)
+        d["gptq"] = GPTQConfig(**d.get("gptq", {}))
+        d["rotation"] = RotationConfig(**d.get("rotation", {}))
+        d["skip"] = tuple(d.get("skip", ()))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown recipe fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantRecipe":
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"recipe file {p} does not exist")
+        return cls.from_dict(json.loads(p.read_text()))
+
+
+def _kv_scheme(bits: int) -> dict:
+    # Per head and token (one scale + zero point over head_dim), asymmetric, fp16 scales: the QuaRot KV layout.
+    return dict(element=f"int{bits}", granularity="per_row", symmetric=False, scale_format="fp16")
+
+
+_PRESETS: dict[str, dict] = {
+    "fp": {},
+    "w8a8": dict(weight="int8", act="int8"),
+    "w4a16": dict(weight="int4"),
+    "w4a16_g128": dict(weight="int4_g128"),
+    "w4a4": dict(weight="int4_g128", act="int4"),
+    "w4a4kv4": dict(weight="int4_g128", act="int4", kv=_kv_scheme(4)),
+    "mxfp4": dict(weight="mxfp4", act="mxfp4"),
+    "nvfp4_w": dict(weight="nvfp4"),
+    "nvfp4": dict(weight="nvfp4", act="nvfp4"),
+    "kv4": dict(kv=_kv_scheme(4)),
+    "kv2": dict(kv=_kv_scheme(2)),
+}
+
+
+def list_recipes() -> list[str]:
+    return list(_PRESETS)
+
+
+def get_recipe(spec: str | QuantRecipe, **overrides) -> QuantRecipe:
+    """A preset by name, optionally as ``name:rotation[:method]`` (e.g. ``"w4a4:random:gptq"``,
+    ``"w4a16_g128:block-128:gptq"``), or a recipe JSON file path; ``overrides`` replace fields."""
+    if isinstance(spec, QuantRecipe):
+        return dataclasses.replace(spec, **overrides) if overrides else spec
+    if spec.endswith(".json"):
+        return dataclasses.replace(QuantRecipe.load(spec), **overrides)
+    name, *opts = spec.split(":")
+    if name not in _PRESETS:
+        raise ValueError(f"unknown recipe {name!r}; presets: {', '.join(_PRESETS)} (or a recipe .json file)")
+    recipe = QuantRecipe(name=name, **_PRESETS[name])
+    if opts:
+        rot = opts[0]
+        block = None
+        if rot.startswith("block-"):
+            rot, block = "block", int(rot.split("-", 1)[1])
+        recipe = recipe.with_options(rotation=rot, block_size=block, method=opts[1] if len(opts) > 1 else None)
+        if len(opts) > 2:
+            raise ValueError(f"recipe spec {spec!r}: expected name[:rotation[:method]]")
+    return dataclasses.replace(recipe, **overrides) if overrides else recipe
