@@ -4,13 +4,15 @@ Registering through ``torch.library.custom_op`` (with ``register_fake``) lets ``
 trace models that call it without a graph break, and ``register_autograd`` gives it a backward that is the same op
 with ``transpose`` flipped (the transform is linear, so its vector-Jacobian product is the transposed transform).
 
-Backend choice, per call: the Triton kernel for CUDA tensors of float32/float16/bfloat16 when Triton is installed,
-else the portable PyTorch backend. ``HADAKIT_BACKEND=torch|triton`` forces one (``triton`` on CPU tensors needs
-``TRITON_INTERPRET=1``; that is how CI tests the kernel without a GPU).
+Backend choice, per call: the Triton kernel for CUDA tensors of float32/float16/bfloat16 when Triton is installed;
+the numba SIMD kernel (``kernels/cpu_fwht.py``) for CPU tensors of at least ``_NUMBA_MIN_NUMEL`` elements when numba
+is installed (``hadakit[cpu]``); else the portable PyTorch backend. ``HADAKIT_BACKEND=torch|numba|triton`` forces one
+(``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``; that is how CI tests the kernel without a GPU).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -25,6 +27,28 @@ _TRITON_MAX_BASE = 256
 _TRITON_MAX_POW2 = 1 << 15
 
 
+# Below a few thousand elements the torch path's lower call overhead wins (measured: benchmarks/NOTES.md).
+_NUMBA_MIN_NUMEL = 4096
+
+
+@functools.lru_cache(maxsize=1)
+def _numba():
+    try:
+        from hadakit.kernels import cpu_fwht as mod
+    except Exception:  # numba missing or broken: the portable path still works
+        return None
+    return mod if mod.numba_available() else None
+
+
+def _use_numba(x: torch.Tensor) -> bool:
+    forced = os.environ.get("HADAKIT_BACKEND", "auto").lower()
+    if forced == "numba":
+        if _numba() is None:
+            raise RuntimeError("HADAKIT_BACKEND=numba but numba is not usable here (install hadakit[cpu])")
+        return x.device.type == "cpu"
+    return forced == "auto" and x.device.type == "cpu" and x.numel() >= _NUMBA_MIN_NUMEL and _numba() is not None
+
+
 def _triton():
     try:
         from hadakit.kernels import triton_hadamard as mod
@@ -35,7 +59,7 @@ def _triton():
 
 def _use_triton(x: torch.Tensor, base: Optional[torch.Tensor], block: int) -> bool:
     forced = os.environ.get("HADAKIT_BACKEND", "auto").lower()
-    if forced == "torch":
+    if forced in ("torch", "numba"):
         return False
     m = 1 if base is None else base.shape[0]
     fits = x.dtype in _TRITON_DTYPES and m <= _TRITON_MAX_BASE and block // m <= _TRITON_MAX_POW2
@@ -75,6 +99,8 @@ def hadamard(
     base = base_matrix(base_kind, base_order, base_seed, x.device, x.dtype)
     if _use_triton(x, base, block):
         return _triton().triton_hadamard(x, base, signs, block, scale, transpose)
+    if _use_numba(x):
+        return _numba().cpu_fwht(x, base, signs, block, scale, transpose)
     return torch_hadamard(x, base, signs, block, scale, transpose)
 
 
