@@ -6,6 +6,7 @@ kernel is defined, so it is set here, before any test module imports hadakit's k
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -19,3 +20,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # Model tests load real models from PyPI data packages; never reach for a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of small-tensor tests: more threads only add overhead there, and stall
+    badly when the cores are oversubscribed."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,13 +11,7 @@ from hadakit.formats import E8M0Format, FloatFormat, IntFormat, get_format, list
 from hadakit.formats.elements import format_from_dict, format_to_ref
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small tensors: intra-op threads only add overhead, and stall badly when the cores are oversubscribed.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # (our format, ml_dtypes dtype)
 ML_PAIRS = [

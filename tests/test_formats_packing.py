@@ -9,13 +9,7 @@ from hypothesis import strategies as st
 from hadakit.formats import get_scheme, list_schemes, pack_codes, packed_nbytes, quantize, unpack_codes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small tensors: intra-op threads only add overhead, and stall badly when the cores are oversubscribed.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 

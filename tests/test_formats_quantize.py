@@ -10,13 +10,7 @@ import torch
 from hadakit.formats import QuantScheme, fake_quantize, get_scheme, list_schemes, quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small tensors: intra-op threads only add overhead, and stall badly when the cores are oversubscribed.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # Independent constants, straight from the OCP MX v1.0 / OFP8 tables (not read from hadakit).
 ML = {"e2m1": ml_dtypes.float4_e2m1fn, "e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2,

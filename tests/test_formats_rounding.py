@@ -10,13 +10,7 @@ from hadakit.formats import fake_quantize, get_format, get_scheme, quantize
 from hadakit.formats.rounding import floor_log2, pow2, resolve_generator, round_integer, uniform_noise
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small tensors: intra-op threads only add overhead, and stall badly when the cores are oversubscribed.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_pow2_exact_over_the_float32_range():

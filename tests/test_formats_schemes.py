@@ -8,13 +8,7 @@ import torch
 from hadakit.formats import QuantScheme, get_format, get_scheme, list_schemes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small tensors: intra-op threads only add overhead, and stall badly when the cores are oversubscribed.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 REQUIRED = ["int8", "int4", "int4_g128", "int4_g32", "int2_g64", "int3_g128", "ternary", "binary", "fp8_e4m3",
             "fp8_e5m2", "mxfp8", "mxfp8_e5m2", "mxfp6", "mxfp6_e3m2", "mxfp4", "mxint8", "nvfp4", "nvint4"]

@@ -10,13 +10,7 @@ from hadakit.formats import get_scheme, list_schemes
 from hadakit.formats.sqnr import default_entries, format_markdown, sqnr_db, sqnr_table, sylvester_hadamard
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small tensors: intra-op threads only add overhead, and stall badly when the cores are oversubscribed.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_sylvester_matches_popcount_definition_and_is_orthogonal():
