@@ -426,3 +426,16 @@ def test_cuda_matches_cpu_bitwise(name):
     a = fake_quantize(x.cuda(), sr, generator=3)
     assert torch.equal(a, fake_quantize(x.cuda(), sr, generator=3))
     assert torch.equal(a, quantize(x.cuda(), sr, generator=3).dequantize())
+
+
+@pytest.mark.parametrize("name", ["int4_g128", "int4_g128_asym", "nvfp4", "mxfp4", "int8", "fp8_e4m3"])
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_scales_then_elements_equals_fake_quantize(name, clip_search):
+    from hadakit.formats import compute_scales, quantize_with_scales
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 256, generator=g) ** 3  # heavy tails: clipping matters
+    scheme = get_scheme(name, clip_search=True) if clip_search else get_scheme(name)
+    codes, values = quantize_with_scales(x, scheme, compute_scales(x, scheme))
+    assert torch.equal(values.to(x.dtype), fake_quantize(x, scheme))
+    assert torch.equal(codes.reshape(-1), quantize(x, scheme).codes().reshape(-1).to(codes.dtype))

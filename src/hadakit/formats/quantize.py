@@ -227,7 +227,9 @@ def compute_scales(x: torch.Tensor, scheme, *, tensor_scale: torch.Tensor | None
     """The group scales ``quantize`` would use for ``x`` (finite values; nearest rounding of the scales).
 
     ``tensor_scale`` fixes the second level of a two-level scheme (e.g. NVFP4's, computed once for a whole weight
-    while GPTQ fits scales group by group); by default it is computed from ``x``.
+    while GPTQ fits scales group by group); by default it is computed from ``x``. With ``scheme.clip_search`` each
+    group gets the ratio of ``scheme.clip_grid`` that minimizes its squared reconstruction error under that tensor
+    scale (ties keep the larger ratio), as ``quantize`` does.
     """
     _check_input(x, "compute_scales")
     scheme = get_scheme(scheme)
@@ -238,7 +240,22 @@ def compute_scales(x: torch.Tensor, scheme, *, tensor_scale: torch.Tensor | None
     st = None
     if scheme.tensor_scale:
         st = tensor_scale.to(torch.float32) if tensor_scale is not None else _tensor_scale(xg.abs(), scheme)
-    return _group_scales(xg, scheme, scheme.clip_ratio, st, None)
+    if not scheme.clip_search:
+        return _group_scales(xg, scheme, scheme.clip_ratio, st, None)
+    best = best_err = None
+    for ratio in scheme.clip_grid:
+        gs = _group_scales(xg, scheme, ratio, st, None)
+        deq, _ = _elements(xg, scheme, gs, "nearest", None, False)
+        err = ((deq - xg) ** 2).sum(dim=-1)
+        if best is None:
+            best, best_err = gs, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = GroupScales(
+            torch.where(better, gs.scale_codes, best.scale_codes), torch.where(better, gs.s_eff, best.s_eff),
+            None if gs.zero_points is None else torch.where(better, gs.zero_points, best.zero_points), st)
+    return best
 
 
 def quantize_with_scales(x: torch.Tensor, scheme, scales: GroupScales, *, generator=None
