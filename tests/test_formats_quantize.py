@@ -172,19 +172,24 @@ def test_nvidia_two_level_matches_reference(name, elem):
     assert qt.scale_values().max().item() in (416.0, 448.0)
 
 
-def test_int_group_matches_reference():
+@pytest.mark.parametrize("int_range,divisor,lo", [("full", 7.5, -8), ("restricted", 7.0, -7)])
+def test_int_group_matches_reference(int_range, divisor, lo):
+    # "full" is GPTQ's / llm-compressor's symmetric INT4: scale amax / 7.5, codes -8 .. 7
     rng = np.random.default_rng(2)
     x = rng.standard_normal((4, 256)).astype(np.float32)
     x[1, :128] = 0.0
+    x[2, 5] = -np.abs(x[2]).max() * 2  # a negative amax lands exactly on -8 in the full range
     out = np.zeros_like(x)
     for r in range(4):
         for b in range(2):
             blk = x[r, b * 128:(b + 1) * 128]
-            s = np.float32(np.float16(np.float32(np.abs(blk).max() / np.float32(7))))
-            out[r, b * 128:(b + 1) * 128] = 0 if s == 0 else (np.clip(np.round(blk / s), -7, 7) + 0.0) * s
-    _assert_bitwise(fake_quantize(torch.from_numpy(x), "int4_g128"), out)
-    qt = quantize(torch.from_numpy(x), "int4_g128")
+            s = np.float32(np.float16(np.float32(np.abs(blk).max() / np.float32(divisor))))
+            out[r, b * 128:(b + 1) * 128] = 0 if s == 0 else (np.clip(np.round(blk / s), lo, 7) + 0.0) * s
+    scheme = get_scheme("int4_g128", int_range=int_range)
+    _assert_bitwise(fake_quantize(torch.from_numpy(x), scheme), out)
+    qt = quantize(torch.from_numpy(x), scheme)
     assert qt.scales.dtype == torch.float16 and qt.scales.shape == (4, 2)
+    torch.testing.assert_close(qt.dequantize(), torch.from_numpy(out), rtol=0, atol=0)
 
 
 def test_int_asymmetric_matches_reference():

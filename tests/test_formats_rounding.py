@@ -41,7 +41,7 @@ def test_round_integer_ties_to_even():
 def test_int_quantize_ties_to_even():
     # amax 127 -> int8 per-tensor scale exactly 1.0, so x / s hits the ties exactly
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 126.5, -126.5]])
-    y = fake_quantize(x, get_scheme("int8").replace(granularity="per_tensor"))
+    y = fake_quantize(x, get_scheme("int8").replace(granularity="per_tensor", int_range="restricted"))
     assert y.tolist() == [[127.0, 0.0, 2.0, 2.0, 0.0, -2.0, 126.0, -126.0]]
 
 
@@ -77,7 +77,7 @@ def test_int_stochastic_rounding_is_unbiased_through_quantize():
     vals = torch.tensor([7.0, 0.3, -2.7, 5.5, -6.9, 0.01, -0.49, 3.999])
     n = 20_000
     x = vals.repeat(n, 1)
-    s = get_scheme("int4", rounding="stochastic")
+    s = get_scheme("int4_restricted", rounding="stochastic")
     y = fake_quantize(x, s, generator=7)
     assert set(torch.unique(y).tolist()) <= set(float(i) for i in range(-7, 8))
     mean = y.double().mean(0).numpy()
@@ -85,7 +85,7 @@ def test_int_stochastic_rounding_is_unbiased_through_quantize():
     lo, hi = np.floor(v), np.ceil(v)
     assert np.all(np.abs(mean - v) <= _bernoulli_bound(v, lo, hi, n))
     # nearest rounding of the same data is biased for 0.3, 3.999, ... : the test above is not vacuous
-    y_n = fake_quantize(x, get_scheme("int4")).double().mean(0).numpy()
+    y_n = fake_quantize(x, get_scheme("int4_restricted")).double().mean(0).numpy()
     assert np.abs(y_n - v).max() > 0.2
 
 

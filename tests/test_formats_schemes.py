@@ -65,7 +65,9 @@ def test_overrides_and_aliases():
     assert get_scheme("mxfp4", scale_rule="ceil", name="mxfp4_ceil").name == "mxfp4_ceil"
     assert QuantScheme("int8", "per_channel").granularity == "per_row"
     assert QuantScheme("int8", "per_token").granularity == "per_row"
-    assert QuantScheme("int4", "group(128)", scale_format="fp16") == get_scheme("int4_g128").replace()
+    assert QuantScheme("int4", "group(128)", scale_format="fp16", int_range="full") == get_scheme("int4_g128").replace()
+    with pytest.raises(ValueError, match="int_range"):
+        QuantScheme("e2m1", "group(32)", int_range="full")
     with pytest.raises(ValueError, match="contradicts"):
         QuantScheme("int4", "group(128)", 64)
     assert "group(32)" in get_scheme("mxfp4").describe()

@@ -123,7 +123,7 @@ def _group_scales(xg: torch.Tensor, scheme: QuantScheme, clip, st, poisoned) -> 
         if clip is not None:
             stat = stat * clip
         if rule == "amax":
-            raw = stat / el.max
+            raw = stat / (el.max + 0.5 * 2.0 ** -el.frac_bits if scheme.int_range == "full" else el.max)
             if st_cd is not None:
                 raw = raw / st_cd
             _, sc = sf.cast(raw)  # round to nearest in the scale format, saturating at its max
@@ -157,7 +157,7 @@ def _elements(xg: torch.Tensor, scheme: QuantScheme, gs: GroupScales, mode: str,
             t = t * 2.0 ** el.frac_bits  # fixed point: integer levels of the scaled grid
         r = round_integer(t, mode, noise)
         if scheme.symmetric:
-            r = r.clamp(-el.qmax, el.qmax)
+            r = r.clamp(-el.qmax - (scheme.int_range == "full"), el.qmax)
             v = r + 0.0  # -0.0 -> +0.0, as decoding an integer code gives
             if need_codes:
                 codes = el.encode(r, signed=True)

@@ -44,6 +44,7 @@ from .rounding import ROUNDING_MODES
 __all__ = [
     "DEFAULT_CLIP_GRID",
     "GRANULARITIES",
+    "INT_RANGES",
     "SCALE_RULES",
     "QuantScheme",
     "get_scheme",
@@ -51,6 +52,10 @@ __all__ = [
 ]
 
 GRANULARITIES = ("per_tensor", "per_row", "group")
+# Symmetric INT grids. "restricted": codes in [-qmax, qmax], scale = amax / qmax. "full": the whole two's complement
+# range [-qmax - 1, qmax] with scale = amax / (qmax + 1/2) — the definition of GPTQ's and llm-compressor's symmetric
+# INT (``-amax`` lands on the extra code exactly, ``+amax`` rounds to ``qmax``): finer steps for the same bits.
+INT_RANGES = ("restricted", "full")
 SCALE_RULES = ("amax", "floor", "ceil", "absmean")
 DEFAULT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
@@ -98,6 +103,7 @@ class QuantScheme:
     scale_format: object = "fp32"
     scale_rule: str = "amax"
     symmetric: bool = True
+    int_range: str = "restricted"
     clip_ratio: float | None = None
     rounding: str = "nearest"
     tensor_scale: bool = False
@@ -146,6 +152,11 @@ class QuantScheme:
             raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}")
         if self.clip_ratio is not None and not (0.0 < float(self.clip_ratio) <= 1.0):
             raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+        if self.int_range not in INT_RANGES:
+            raise ValueError(f"int_range must be one of {INT_RANGES}, got {self.int_range!r}")
+        if self.int_range == "full" and not (isinstance(el, IntFormat) and self.symmetric
+                                             and self.scale_rule == "amax"):
+            raise ValueError("int_range='full' applies to symmetric INT elements with scale_rule='amax'")
         if not self.symmetric:
             if not isinstance(el, IntFormat) or el.frac_bits:
                 raise ValueError(f"asymmetric quantization needs a plain INT element format, got {el.name}")
@@ -235,6 +246,8 @@ class QuantScheme:
             parts.append("x fp32 tensor scale")
         if not self.symmetric:
             parts.append("asymmetric")
+        if self.int_range == "full":
+            parts.append("full range")
         if self.clip_ratio is not None:
             parts.append(f"clip={self.clip_ratio}")
         if self.clip_search:
@@ -259,15 +272,17 @@ def _build_presets() -> dict[str, QuantScheme]:
         return grp(el, 32, "e8m0", scale_rule="floor")
 
     specs = {
-        # Integer, per row (per output channel / per token), fp32 scales.
-        "int8": dict(element="int8", granularity="per_row", scale_format="fp32"),
-        "int4": dict(element="int4", granularity="per_row", scale_format="fp32"),
+        # Integer, per row (per output channel / per token), fp32 scales; symmetric presets use the full two's
+        # complement range, as GPTQ and llm-compressor define symmetric INT (so W4A16 / W4A4 rows compare 1:1).
+        "int8": dict(element="int8", granularity="per_row", scale_format="fp32", int_range="full"),
+        "int4": dict(element="int4", granularity="per_row", scale_format="fp32", int_range="full"),
+        "int4_restricted": dict(element="int4", granularity="per_row", scale_format="fp32"),
         # Integer, grouped (GPTQ / AWQ style), fp16 scales.
-        "int4_g128": grp("int4", 128),
-        "int4_g32": grp("int4", 32),
+        "int4_g128": grp("int4", 128, int_range="full"),
+        "int4_g32": grp("int4", 32, int_range="full"),
         "int4_g128_asym": grp("int4", 128, symmetric=False),
-        "int3_g128": grp("int3", 128),
-        "int2_g64": grp("int2", 64),
+        "int3_g128": grp("int3", 128, int_range="full"),
+        "int2_g64": grp("int2", 64, int_range="full"),
         # BitNet-style, one absmean scale per tensor.
         "ternary": dict(element="ternary", granularity="per_tensor", scale_format="fp32", scale_rule="absmean"),
         "binary": dict(element="binary", granularity="per_tensor", scale_format="fp32", scale_rule="absmean"),
