@@ -10,6 +10,7 @@ MODULES = [
     "hadakit.transforms.functional",
     "hadakit.transforms.rotations",
     "hadakit.formats",
+    "hadakit.training",
 ]
 
 

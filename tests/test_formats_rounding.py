@@ -135,3 +135,20 @@ def test_resolve_generator():
     assert isinstance(resolve_generator(3, torch.device("cpu")), torch.Generator)
     with pytest.raises(TypeError, match="int seed"):
         resolve_generator(1.5, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["e4m3", "e5m2", "e2m3", "e3m2", "e2m1"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_round_finite_equals_round(name, rounding):
+    fmt = get_format(name)
+    assert fmt.fast_round_ok(torch.float32)
+    table = torch.tensor(fmt.decode_table(), dtype=torch.float32)
+    table = table[torch.isfinite(table)]
+    mids = (table[1:] + table[:-1]) / 2  # exact ties between neighbours
+    g = torch.Generator().manual_seed(3)
+    rand = torch.randn(20_000, generator=g) * fmt.max / 3
+    x = torch.cat([table, mids, -mids, rand, rand * 1e-3, torch.tensor([0.0, -0.0, fmt.max * 4, -fmt.max * 9])])
+    noise = torch.rand(x.shape, generator=g) if rounding == "stochastic" else None
+    slow = fmt.round(x.clone(), rounding, noise, saturate=True)
+    fast = fmt.round_finite(x.clone(), rounding, noise)
+    assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))  # bit for bit, signed zeros included

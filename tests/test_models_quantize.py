@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import os
 
@@ -15,7 +14,7 @@ from hadakit.models import calibration_windows, load_model, make_windows, read_t
 from hadakit.models.checkpoint import checkpoint_size_bytes, load_quantized_model, save_quantized_model
 from hadakit.models.compare import packed_size_mb
 from hadakit.models.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
-from hadakit.models.pipeline import QuantizationReport, find_decoder_layers, make_rotation, quantize_model
+from hadakit.models.pipeline import find_decoder_layers, make_rotation, quantize_model
 from hadakit.models.qlinear import RotatedQuantLinear
 from hadakit.models.quantizers import SchemeGroupQuantizer
 from hadakit.models.recipes import QuantRecipe, get_recipe, list_recipes

@@ -13,6 +13,14 @@ Transforms (any batch; sizes 2^k and m·2^k such as 640 = 20·32; exact and orth
     torch.Size([12, 12])
     >>> rot = hadakit.HadamardRotation(640, signs="fixed", seed=0)  # nn.Module; signs live in state_dict
 
+Number formats (``hadakit.formats``), model quantization (``hadakit.models``), low-precision training
+(``hadakit.QuantLinear`` / ``hadakit.convert``) and analysis (``hadakit.analysis``)::
+
+    >>> from hadakit.formats import quantize
+    >>> quantize(torch.randn(4, 256), "mxfp4").bits_per_element
+    4.25
+    >>> layer = hadakit.QuantLinear(640, 256, recipe="mxfp4")     # forward and backward products in MXFP4
+
 See docs/ARCHITECTURE.md for the layering and README.md for the command line.
 """
 
@@ -35,19 +43,25 @@ from hadakit.transforms import (
     transform_plan,
 )
 
+from hadakit.training import QuantLinear, convert, get_training_recipe, list_training_recipes
+
 __version__ = "0.1.0"
 
 __all__ = [
     "HadamardRotation",
+    "QuantLinear",
     "StructuredRotation",
     "TransformPlan",
     "base_order",
     "block_hadamard_transform",
     "construction",
+    "convert",
     "covered_orders",
+    "get_training_recipe",
     "hadamard_matrix",
     "hadamard_transform",
     "inverse_hadamard_transform",
+    "list_training_recipes",
     "nearest_supported",
     "random_signs",
     "randomized_hadamard_transform",

@@ -6,9 +6,6 @@ same tensor; every result is printed as a ratio to that floor. Results go to a J
 
 from __future__ import annotations
 
-import json
-import platform
-import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +15,7 @@ from typing import Callable
 import torch
 
 import hadakit
+from hadakit.devices import device_name
 
 POW2_SIZES = [1 << k for k in range(6, 16)]
 M_SIZES = [384, 640, 10240, 12288, 14336, 20480, 28672]
@@ -41,20 +39,6 @@ class BenchResult:
     @property
     def gbps(self) -> float:  # bytes read + written per second
         return 2 * self.bytes / (self.us * 1e-6) / 1e9
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
 
 
 def _timer(device: torch.device, fn: Callable[[], object], reps: int) -> float:
@@ -123,13 +107,13 @@ def run_bench(
         for n in sizes:
             rows = max(1, int(mib * 2**20) // (n * elem))
             x = torch.randn(rows, n, device=dev, dtype=torch.float32).to(dtype)
-            memcpy_us = _timer(dev, lambda: x.clone(), reps)
+            memcpy_us = _timer(dev, lambda x=x: x.clone(), reps)
             variants = _variants(n)
             for op in ops:
                 if op == "block32" and n % 32:
                     continue
                 fn = variants[op]
-                us = _timer(dev, lambda: fn(x), reps)
+                us = _timer(dev, lambda fn=fn, x=x: fn(x), reps)
                 res = BenchResult(op, dname, n, rows, rows * n * elem, us, memcpy_us)
                 results.append(res)
                 if progress:
@@ -151,10 +135,6 @@ def format_row(r: BenchResult) -> str:
 
 
 HEADER = f"{'op':<11} {'dtype':<5} {'n':>6} {'rows':>8} {'us':>11} {'memcpy_us':>11} {'ratio':>8} {'GB/s':>8}"
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
 
 
 def save_plot(report: dict, path: Path) -> Path | None:

@@ -17,6 +17,7 @@ def _int_list(text: str) -> list[int]:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from hadakit.cli import bench
+    from hadakit.devices import slug
 
     print(bench.HEADER, flush=True)
 
@@ -28,7 +29,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                              ops=args.ops.split(",") if args.ops else None, reps=args.reps, progress=show)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = bench.slug(report["device"])
+    stem = slug(report["device"])
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     plot = bench.save_plot(report, out_dir / f"{stem}.png")
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", default=None, help="evaluate on another text (default: the saved run's windows)")
     e.add_argument("--device", default=None)
     e.set_defaults(func=q.run_eval)
+
+    from hadakit.training import demo
+
+    t = sub.add_parser("train-demo", help="train a small GPT on Shakespeare with each low-precision recipe")
+    demo.add_arguments(t)
+    t.set_defaults(func=lambda a: (demo.run_from_args(a), 0)[1])
     return parser
 
 

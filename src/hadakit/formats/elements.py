@@ -363,6 +363,27 @@ class FloatFormat:
         neg = x < 0
         return torch.where(neg, torch.full_like(y, math.nan), y)
 
+    def fast_round_ok(self, dtype: torch.dtype) -> bool:
+        """Whether :meth:`round_finite` applies: float32 data, a signed format whose quantum is a normal float32."""
+        return dtype == torch.float32 and self.signed and self.emin - self.mbits > -126 and self.max < 2.0 ** 127
+
+    def round_finite(self, t: torch.Tensor, rounding: str = "nearest", noise: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """:meth:`round` with ``saturate=True`` for *finite* float32 ``t`` (see :meth:`fast_round_ok`), in ~10 passes
+        instead of ~30: the quantum of each binade is read from the float32 exponent bits. Same values (tested)."""
+        a = t.abs().clamp_(max=self.max)
+        # Biased float32 exponent of a = floor(log2 a) + 127 for normal a (0 for zero / subnormal a, which the clamp
+        # to the format's smallest normal exponent covers); minus mbits: the exponent of the quantum of a's binade.
+        k = a.view(torch.int32).bitwise_right_shift(23).clamp_(min=self.emin + 127).sub_(self.mbits)
+        q = k.bitwise_left_shift_(23).view(torch.float32)  # that quantum, 2^(e - mbits), from its bit pattern
+        a.div_(q)  # exact: division by a power of two
+        if rounding == "nearest":
+            a.round_()  # ties to even
+        else:
+            fl = a.floor()
+            a = fl.add_(noise < a.sub_(fl))  # floor + [u < frac], unbiased (round_integer's rule)
+        return a.mul_(q).copysign_(t)
+
     def encode(self, values: torch.Tensor) -> torch.Tensor:
         """Values already on the grid (output of :meth:`round`) -> int64 codes (bit patterns)."""
         a = values.abs()

@@ -183,7 +183,9 @@ def _elements(xg: torch.Tensor, scheme: QuantScheme, gs: GroupScales, mode: str,
         if need_codes:
             codes = up.to(torch.int64)
     elif isinstance(el, FloatFormat):
-        v = el.round(t, mode, noise, saturate=True)
+        # t is finite here (non-finite inputs were zeroed, dead groups too): the short path applies to float32
+        fast = el.fast_round_ok(t.dtype)
+        v = el.round_finite(t, mode, noise) if fast else el.round(t, mode, noise, saturate=True)
         if need_codes:
             codes = el.encode(v)
     else:  # pragma: no cover - QuantScheme validates the element format

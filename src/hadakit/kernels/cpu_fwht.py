@@ -570,7 +570,6 @@ def _split(levels: int, parts: int) -> list[int]:
 def _plan(k: int, wlog: int, esize: int) -> tuple[np.ndarray, int, int]:
     """Passes (log2 radix, log2 stride) for a row of 2^k elements: chunk-local passes first, then whole-row passes.
     The returned array is shared (read-only)."""
-    w = 1 << wlog
     clog = max(wlog, min(k, int(math.log2(_CHUNK_BYTES // esize))))
     rmax = _MAX_RADIX_LOG2
     local = clog - wlog  # levels across registers inside a chunk (the in-register ones are free in pass 0)

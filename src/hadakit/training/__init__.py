@@ -1,0 +1,44 @@
+"""hadakit.training — low-precision training: linear layers whose forward and backward products run in
+FP4 / INT4 / INT8 / FP8 / ternary with Hadamard rotations and stochastic rounding.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from hadakit.training import QuantLinear, convert, get_training_recipe
+    >>> layer = QuantLinear(128, 64, recipe="mxfp4")          # drop-in nn.Linear; state_dict keys weight / bias
+    >>> y = layer(torch.randn(4, 32, 128)); y.sum().backward()  # forward MXFP4; backward MXFP4 + RHT + SR
+    >>> model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    >>> report = convert(model, "nvfp4", skip=["2"], verbose=False)
+    >>> [name for name, *_ in report.swapped]
+    ['0']
+
+Model-agnostic: this package never imports ``hadakit.models``. See docs/training.md for the recipes.
+"""
+
+from .functional import fake_quantize_operand, lowp_matmul, quant_linear, quantized_product
+from .layers import ConvertReport, QuantLinear, convert
+from .recipe import (
+    BACKENDS,
+    SIGN_MODES,
+    OperandConfig,
+    ProductConfig,
+    TrainingRecipe,
+    get_training_recipe,
+    list_training_recipes,
+)
+
+__all__ = [
+    "BACKENDS",
+    "ConvertReport",
+    "OperandConfig",
+    "ProductConfig",
+    "QuantLinear",
+    "SIGN_MODES",
+    "TrainingRecipe",
+    "convert",
+    "fake_quantize_operand",
+    "get_training_recipe",
+    "list_training_recipes",
+    "lowp_matmul",
+    "quant_linear",
+    "quantized_product",
+]
