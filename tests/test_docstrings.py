@@ -11,6 +11,8 @@ MODULES = [
     "hadakit.transforms.rotations",
     "hadakit.formats",
     "hadakit.training",
+    "hadakit.analysis",
+    "hadakit.analysis.stats",
 ]
 
 

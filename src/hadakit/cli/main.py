@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.set_defaults(func=q.run_eval)
 
+    from hadakit.cli import inspect as insp
+
+    ip = sub.add_parser("inspect", help=insp.DESCRIPTION)
+    insp.add_arguments(ip)
+    ip.set_defaults(func=insp.run_inspect)
+
     from hadakit.training import demo
 
     t = sub.add_parser("train-demo", help="train a small GPT on Shakespeare with each low-precision recipe")
