@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import hadakit
 
 from hadakit.formats import fake_quantize, get_scheme
 from hadakit.models import calibration_windows, load_model, make_windows, read_text
@@ -182,6 +183,7 @@ def test_save_load_reproduces_outputs_bit_for_bit(minilm, tmp_path):
     assert size_mb < fp32_mb - 0.8 * sum(mod.weight.numel() * 4 for mod in m.modules()
                                           if isinstance(mod, RotatedQuantLinear)) / 1e6
     m2, tok2 = load_quantized_model(ckpt)
+    assert torch.equal(_hidden(hadakit.load(ckpt), enc), out)
     assert torch.equal(_hidden(m2, enc), out)
     assert tok2 is not None
     with pytest.raises(FileExistsError, match="--force"):

@@ -47,6 +47,15 @@ from hadakit.training import QuantLinear, convert, get_training_recipe, list_tra
 
 __version__ = "0.1.0"
 
+
+def load(path, *, device="cpu"):
+    """Load a packed checkpoint written by ``hadakit quantize --out DIR``: an ordinary transformers model (same
+    ``forward``, returns logits) whose linears are rotated/quantized; its tokenizer loads with
+    ``transformers.AutoTokenizer.from_pretrained(DIR)``. Needs ``hadakit[models]``."""
+    from hadakit.models.checkpoint import load_quantized_model
+
+    return load_quantized_model(path, device=device)[0]
+
 __all__ = [
     "HadamardRotation",
     "QuantLinear",
@@ -62,6 +71,7 @@ __all__ = [
     "hadamard_transform",
     "inverse_hadamard_transform",
     "list_training_recipes",
+    "load",
     "nearest_supported",
     "random_signs",
     "randomized_hadamard_transform",

@@ -38,7 +38,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from hadakit.models import TextWindows, load_model
-    from hadakit.models.compare import FULL_RECIPES, QUICK_RECIPES, run_comparison
+    from hadakit.models.compare import FULL_RECIPES, QUICK_CALIB_WINDOWS, QUICK_RECIPES, run_comparison
 
     if args.out and Path(args.out).exists() and not args.force:
         raise FileExistsError(f"output directory {args.out} already exists; pass --force to replace it")
@@ -48,6 +48,9 @@ def run_quantize(args: argparse.Namespace) -> int:
                               else ["w4a4:random:gptq"])
     if not args.compare and len(recipes) > 1:
         raise ValueError("several --recipe values need --compare")
+    calib_windows = args.calib_windows
+    if calib_windows is None and args.compare and not args.full and not args.recipe:
+        calib_windows = QUICK_CALIB_WINDOWS
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     eval_windows = TextWindows(text=args.text, window=args.window_len, n_windows=args.windows)
     t0 = time.perf_counter()
@@ -66,7 +69,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     result: CompareResult = run_comparison(
         model, tokenizer, recipes if args.compare else ["fp", recipes[0]], model_name=model_name,
-        eval_windows=eval_windows, calib_text=args.calib_text, calib_windows=args.calib_windows,
+        eval_windows=eval_windows, calib_text=args.calib_text, calib_windows=calib_windows,
         calib_len=args.calib_len, prompts=() if args.no_samples else ("To be, or not to be,", "My lord, the king"),
         progress=_log, on_row=show, keep_last=bool(args.out))
     print()
