@@ -10,6 +10,7 @@ MODULES = [
     "hadakit.transforms.functional",
     "hadakit.transforms.rotations",
     "hadakit.formats",
+    "hadakit.formats.fused",
     "hadakit.training",
     "hadakit.analysis",
     "hadakit.analysis.stats",

@@ -29,6 +29,7 @@ from .elements import (
     get_format,
     list_formats,
 )
+from .fused import dequantize_rotate, rotate_quantize, rotated_amax
 from .packing import pack_codes, packed_nbytes, unpack_codes
 from .quantize import GroupScales, compute_scales, dequantize, fake_quantize, quantize, quantize_with_scales
 from .rounding import ROUNDING_MODES
@@ -50,6 +51,7 @@ __all__ = [
     "TernaryFormat",
     "compute_scales",
     "dequantize",
+    "dequantize_rotate",
     "fake_quantize",
     "get_format",
     "get_scheme",
@@ -60,6 +62,8 @@ __all__ = [
     "packed_nbytes",
     "quantize",
     "quantize_with_scales",
+    "rotate_quantize",
+    "rotated_amax",
     "save_quantized",
     "unpack_codes",
 ]
