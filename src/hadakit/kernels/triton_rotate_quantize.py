@@ -58,10 +58,11 @@ module knows the numbers of a format (bits, mantissa bits, emin, max), never the
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+
+from hadakit.kernels.triton_hadamard import _interpreting
 
 try:
     import triton
@@ -70,14 +71,15 @@ except ImportError:  # the caller falls back to transform-then-quantize
     triton = None
     tl = None
 
+if triton is not None:
+    # The transform kernel's own butterfly: the fused rotation sums in exactly the same order, so its rotated
+    # values are bit-identical to hadamard_transform's on the same device.
+    from hadakit.kernels.triton_hadamard import _fwht_rows  # noqa: F401  (called inside the jit kernel)
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_SEGMENT = 8192  # largest W = max(block, group) one program keeps in registers
 _RUN = 32  # values per thread (at least)
 _MAX_RUN = 128  # segments up to this length live in one thread
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def triton_available() -> bool:
@@ -123,29 +125,6 @@ class Recipe:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _pease(x, T: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
-        """``x`` (T, N) fp32 -> ``x @ H_N`` (Sylvester): LOG_N constant-geometry stages, index bit 0 first."""
-        for _ in tl.static_range(LOG_N):
-            a, b = tl.split(tl.reshape(x, (T, N // 2, 2)))
-            x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (T, N))
-        return x
-
-    @triton.jit
-    def _fwht(x, T: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_IN: tl.constexpr):
-        """``x @ H_N`` for ``x`` (T, N). LOG_IN > 0: as H_{N/NI} ⊗ H_{NI} (inner factor on the contiguous axis
-        first). Either way the index bits are processed in increasing order, so every output is the same sum tree."""
-        if LOG_IN > 0:
-            NI: tl.constexpr = 1 << LOG_IN
-            NO: tl.constexpr = N // NI
-            x = _pease(tl.reshape(x, (T * NO, NI)), T * NO, NI, LOG_IN)
-            x = tl.reshape(tl.permute(tl.reshape(x, (T, NO, NI)), (0, 2, 1)), (T * NI, NO))
-            x = _pease(x, T * NI, NO, LOG_N - LOG_IN)
-            x = tl.reshape(tl.permute(tl.reshape(x, (T, NI, NO)), (0, 2, 1)), (T, N))
-        else:
-            x = _pease(x, T, N, LOG_N)
-        return x
 
     @triton.jit
     def _bits(a):
@@ -269,7 +248,7 @@ if triton is not None:
         x = _to_rows(xr, ROWS, W).to(tl.float32)
 
         # --- rotation (fp32), then the input dtype's rounding, as hadamard_transform returns it ----------------
-        y = tl.reshape(_fwht(tl.reshape(x, (TILE // B, B)), TILE // B, B, LOG_B, LOG_IN), (ROWS, W)) * rot_scale
+        y = tl.reshape(_fwht_rows(tl.reshape(x, (TILE // B, B)), TILE // B, B, LOG_B, LOG_IN), (ROWS, W)) * rot_scale
         if ROUND_TO == 1:
             y = y.to(tl.float16).to(tl.float32)
         elif ROUND_TO == 2:
