@@ -186,3 +186,16 @@ def test_cli_short_or_empty_text_and_bad_model(tmp_path):
         run_inspect(_args(str(not_a_model)))
     assert main([str(tmp_path)]) == 2  # a directory without config.json
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_report_for_the_default_model_on_a_tiny_slice(tmp_path, capsys):
+    from hadakit.cli.main import main
+
+    out = tmp_path / "default"
+    assert main(["inspect", "--windows", "1", "--window-len", "16", "--top", "3", "--out", str(out)]) == 0
+    data = json.loads((out / "inspect.json").read_text())
+    assert len(data["layers"]) == 126  # 7 linears x 18 blocks of Gemma 3 270M (lm_head skipped)
+    assert any("o_proj" in name for name in (lay["name"] for lay in data["layers"]))
+    assert (out / "report.html").stat().st_size > 0
+    assert all(p.read_bytes().startswith(PNG_MAGIC) for p in out.glob("*.png"))
+    assert "mlp.down_proj" in capsys.readouterr().out
