@@ -253,6 +253,7 @@ def test_cli_compare_end_to_end_on_default_model(tmp_path, capsys):
     ppl = {r["label"]: r["ppl"] for r in data["rows"]}
     assert ppl["fp"] < ppl["w4a4 random rtn"] < ppl["w4a4 none rtn"]
     assert (tmp_path / "compare.md").read_text().count("|") > 20
+    assert (tmp_path / "compare.png").read_bytes().startswith(b"\x89PNG")
     out = capsys.readouterr().out
     assert "w4a4 random rtn" in out and "x FP" in out
 

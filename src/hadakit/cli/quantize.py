@@ -59,7 +59,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     model_name = str(args.model or "gemma-3-270m (Q4_K_M GGUF, dequantized to fp32)")
     _log(f"loaded in {time.perf_counter() - t0:.0f} s")
 
-    from hadakit.models.compare import CompareResult
+    from hadakit.models.compare import CompareResult, save_plot
 
     def show(row):
         print(f"{row.label:<28} PPL {row.ppl:>10.2f}  x{row.ppl_ratio:.3f}  bits/w {row.weight_bits:.3f}  "
@@ -79,8 +79,9 @@ def run_quantize(args: argparse.Namespace) -> int:
     stamp = "compare" if args.compare else "quantize"
     (out_dir / f"{stamp}.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     (out_dir / f"{stamp}.md").write_text(result.markdown() + "\n")
-    print(f"\nwrote {out_dir / (stamp + '.json')} and {out_dir / (stamp + '.md')} "
-          f"(total {time.perf_counter() - t0:.0f} s)")
+    plot = save_plot(result, out_dir / f"{stamp}.png")
+    print(f"\nwrote {out_dir / (stamp + '.json')}, {out_dir / (stamp + '.md')}" + (f" and {plot}" if plot else "")
+          + f" (total {time.perf_counter() - t0:.0f} s)")
     if args.out:
         from hadakit.models.checkpoint import checkpoint_size_bytes, save_quantized_model
         from hadakit.models.recipes import get_recipe

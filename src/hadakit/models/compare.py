@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from hadakit.devices import device_name
 from hadakit.models.data import TextWindows, calibration_windows
 from hadakit.models.evaluate import generate_samples, perplexity
 from hadakit.models.pipeline import quantize_model
@@ -95,6 +96,10 @@ class CompareResult:
         return dict(model=self.model, eval=self.eval, calibration=self.calibration, device=self.device,
                     rows=[r.to_dict() for r in self.rows])
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompareResult":
+        return cls(d["model"], d["eval"], d["calibration"], d["device"], [CompareRow(**r) for r in d["rows"]])
+
     def markdown(self) -> str:
         lines = [
             f"Model: `{self.model}` · eval: {self.eval['n_windows']}×{self.eval['window']} tokens of "
@@ -118,6 +123,35 @@ class CompareResult:
             out.append(f"{r.label:<28} {r.ppl:>10.2f} {r.ppl_ratio:>7.3f} {bits:>7} {r.packed_mb:>8.1f} "
                        f"{r.quantize_s:>8.1f} {r.eval_s:>7.1f}")
         return "\n".join(out)
+
+
+def save_plot(result: CompareResult, path) -> object | None:
+    """Perplexity ratio to the unquantized model per recipe, as horizontal bars on a log axis (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = result.rows[1:]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.4))
+    labels = [r.label for r in rows][::-1]
+    ratios = [r.ppl_ratio for r in rows][::-1]
+    colors = ["#3a7" if "random" in lab or "hadamard" in lab or "block" in lab else "#c54" for lab in labels]
+    ax.barh(labels, ratios, color=colors)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="k", lw=0.8)
+    for y, v in enumerate(ratios):
+        ax.text(v, y, f" {v:.3g}×", va="center", fontsize=7)
+    ax.set_xlabel("perplexity / unquantized perplexity (log scale; green: with a rotation)")
+    ax.set_title(f"{result.model}: {result.eval['n_windows']}×{result.eval['window']} tokens of "
+                 f"{result.eval['text']}, FP PPL {result.rows[0].ppl:.2f}", fontsize=9)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def packed_size_mb(model: torch.nn.Module) -> float:
@@ -180,7 +214,7 @@ def run_comparison(
     result = CompareResult(model_name, eval_windows.to_dict(),
                            dict(text=calib_text, n_windows=first_gptq.calib_windows if first_gptq else 0,
                                 window=first_gptq.calib_len if first_gptq else 0),
-                           str(device) if device.type == "cpu" else torch.cuda.get_device_name(device))
+                           device_name(device))
     fp_ppl = None
     for recipe in resolved:
         label = recipe.label()
