@@ -56,6 +56,8 @@ FULL_RECIPES = (
     "w4a4:random:gptq",
     "w4a4kv4:random:gptq",
     "nvfp4_w:none:rtn",
+    "nvfp4_w:none:gptq",
+    "nvfp4_w:block-16:gptq",
     "nvfp4:none:rtn",
     "nvfp4:random:rtn",
     "mxfp4:none:rtn",
