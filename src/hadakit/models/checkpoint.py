@@ -50,6 +50,43 @@ def _prepare_config(model: nn.Module):
     return cfg
 
 
+def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, str]]:
+    """What a checkpoint of ``model`` stores: ``(tensors, linears, tied)`` — the tensors of ``model.safetensors``
+    (packed weights of the quantized linears, everything else as it is, tied tensors once), the per-linear
+    metadata, and the tied keys (key -> the key stored in its place)."""
+    tensors: dict[str, torch.Tensor] = {}
+    linears: dict[str, dict] = {}
+    qnames = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, RotatedQuantLinear):
+            qnames.add(name)
+            linears[name] = dict(in_features=mod.in_features, out_features=mod.out_features,
+                                 rotation=_rotation_meta(mod.rotation),
+                                 act_scheme=mod.act_scheme.to_dict() if mod.act_scheme is not None else None,
+                                 packed=mod.packed is not None)
+            if mod.packed is not None:
+                tensors.update(mod.packed.cpu().state_dict(f"{name}.qweight."))
+            else:
+                tensors[f"{name}.weight"] = mod.weight.detach().cpu().contiguous()
+            if mod.bias is not None:
+                tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
+            if mod.rotation is not None and mod.rotation.signs is not None:
+                tensors[f"{name}.rotation.signs"] = mod.rotation.signs.detach().cpu().contiguous()
+    seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for key, t in model.state_dict().items():
+        owner = key.rsplit(".", 1)[0]
+        if any(key.startswith(q + ".") for q in qnames) or owner in qnames:
+            continue
+        ptr = t.data_ptr()
+        if ptr in seen and t.numel() > 0:  # tied weights (e.g. lm_head = embed_tokens): store once
+            tied[key] = seen[ptr]
+            continue
+        seen[ptr] = key
+        tensors[key] = t.detach().cpu().contiguous()
+    return tensors, linears, tied
+
+
 def save_quantized_model(model: nn.Module, tokenizer: Any, recipe: QuantRecipe, out_dir: str | Path, *,
                          force: bool = False, extra: dict | None = None) -> Path:
     """Write ``model`` (after ``quantize_model``) to ``out_dir``; see the module docstring."""
@@ -61,37 +98,7 @@ def save_quantized_model(model: nn.Module, tokenizer: Any, recipe: QuantRecipe, 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        tensors: dict[str, torch.Tensor] = {}
-        linears: dict[str, dict] = {}
-        qnames = set()
-        for name, mod in model.named_modules():
-            if isinstance(mod, RotatedQuantLinear):
-                qnames.add(name)
-                meta = dict(in_features=mod.in_features, out_features=mod.out_features,
-                            rotation=_rotation_meta(mod.rotation),
-                            act_scheme=mod.act_scheme.to_dict() if mod.act_scheme is not None else None,
-                            packed=mod.packed is not None)
-                linears[name] = meta
-                if mod.packed is not None:
-                    tensors.update(mod.packed.cpu().state_dict(f"{name}.qweight."))
-                else:
-                    tensors[f"{name}.weight"] = mod.weight.detach().cpu().contiguous()
-                if mod.bias is not None:
-                    tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
-                if mod.rotation is not None and mod.rotation.signs is not None:
-                    tensors[f"{name}.rotation.signs"] = mod.rotation.signs.detach().cpu().contiguous()
-        seen: dict[int, str] = {}
-        tied: dict[str, str] = {}
-        for key, t in model.state_dict().items():
-            owner = key.rsplit(".", 1)[0]
-            if any(key.startswith(q + ".") for q in qnames) or owner in qnames:
-                continue
-            ptr = t.data_ptr()
-            if ptr in seen and t.numel() > 0:  # tied weights (e.g. lm_head = embed_tokens): store once
-                tied[key] = seen[ptr]
-                continue
-            seen[ptr] = key
-            tensors[key] = t.detach().cpu().contiguous()
+        tensors, linears, tied = checkpoint_tensors(model)
         save_file(tensors, str(tmp / _WEIGHTS))
         _prepare_config(model).save_pretrained(tmp)
         if tokenizer is not None:

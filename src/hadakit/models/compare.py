@@ -19,9 +19,9 @@ import torch
 
 from hadakit.devices import device_name
 from hadakit.models.data import TextWindows, calibration_windows
+from hadakit.models.checkpoint import checkpoint_tensors
 from hadakit.models.evaluate import generate_samples, perplexity
 from hadakit.models.pipeline import quantize_model
-from hadakit.models.qlinear import RotatedQuantLinear
 from hadakit.models.recipes import QuantRecipe, get_recipe
 
 DEFAULT_PROMPTS = ("To be, or not to be,", "My lord, the king")
@@ -157,27 +157,10 @@ def save_plot(result: CompareResult, path) -> object | None:
 
 
 def packed_size_mb(model: torch.nn.Module) -> float:
-    """Bytes a packed checkpoint of ``model`` holds (quantized weights packed, everything else as stored; tied
-    tensors once), in MB."""
-    total = 0
-    seen = set()
-    qnames = set()
-    for name, mod in model.named_modules():
-        if isinstance(mod, RotatedQuantLinear):
-            qnames.add(name)
-            total += mod.packed.nbytes if mod.packed is not None else mod.weight.numel() * mod.weight.element_size()
-            if mod.bias is not None:
-                total += mod.bias.numel() * mod.bias.element_size()
-            if mod.rotation is not None and mod.rotation.signs is not None:
-                total += mod.rotation.signs.numel() * 4
-    for key, t in model.state_dict().items():
-        if key.rsplit(".", 1)[0] in qnames or any(key.startswith(q + ".") for q in qnames):
-            continue
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total / 1e6
+    """MB of tensors a packed checkpoint of ``model`` holds: exactly what ``save_quantized_model`` writes (quantized
+    weights packed, everything else as stored, tied tensors once), without the small JSON and tokenizer files."""
+    tensors, _, _ = checkpoint_tensors(model)
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
 
 
 def peak_rss_mb() -> float:
