@@ -49,6 +49,7 @@ def _use_numba(x: torch.Tensor) -> bool:
     return forced == "auto" and x.device.type == "cpu" and x.numel() >= _NUMBA_MIN_NUMEL and _numba() is not None
 
 
+@functools.lru_cache(maxsize=1)
 def _triton():
     try:
         from hadakit.kernels import triton_hadamard as mod
