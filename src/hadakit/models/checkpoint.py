@@ -24,6 +24,7 @@ from torch import nn
 from hadakit.formats import QuantizedTensor, get_scheme
 from hadakit.models.qlinear import RotatedQuantLinear
 from hadakit.models.recipes import QuantRecipe
+from hadakit.transforms.kronecker import KroneckerTransform
 
 FORMAT_VERSION = 1
 _WEIGHTS = "model.safetensors"
@@ -63,7 +64,9 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
             linears[name] = dict(in_features=mod.in_features, out_features=mod.out_features,
                                  rotation=_rotation_meta(mod.rotation),
                                  act_scheme=mod.act_scheme.to_dict() if mod.act_scheme is not None else None,
-                                 packed=mod.packed is not None)
+                                 packed=mod.packed is not None,
+                                 smooth=mod.smooth is not None,
+                                 transform=mod.transform.mode if mod.transform is not None else None)
             if mod.packed is not None:
                 tensors.update(mod.packed.cpu().state_dict(f"{name}.qweight."))
             else:
@@ -72,6 +75,11 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
                 tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
             if mod.rotation is not None and mod.rotation.signs is not None:
                 tensors[f"{name}.rotation.signs"] = mod.rotation.signs.detach().cpu().contiguous()
+            if mod.smooth is not None:
+                tensors[f"{name}.smooth"] = mod.smooth.detach().cpu().contiguous()
+            if mod.transform is not None:
+                tensors[f"{name}.transform.a"] = mod.transform.a.detach().cpu().contiguous()
+                tensors[f"{name}.transform.b"] = mod.transform.b.detach().cpu().contiguous()
     seen: dict[int, str] = {}
     tied: dict[str, str] = {}
     for key, t in model.state_dict().items():
@@ -177,8 +185,13 @@ def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu"
         bias = state.pop(f"{name}.bias", None)
         rotation = _build_rotation(lm["rotation"], state.pop(f"{name}.rotation.signs", None))
         act = get_scheme(lm["act_scheme"]) if lm["act_scheme"] is not None else None
+        smooth = state.pop(f"{name}.smooth") if lm.get("smooth") else None
+        transform = None
+        if lm.get("transform"):
+            transform = KroneckerTransform.from_factors(state.pop(f"{name}.transform.a"),
+                                                        state.pop(f"{name}.transform.b"), lm["transform"])
         new = RotatedQuantLinear(lm["in_features"], lm["out_features"], weight=weight, bias=bias, packed=packed,
-                                 rotation=rotation, act_scheme=act)
+                                 rotation=rotation, act_scheme=act, smooth=smooth, transform=transform)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
@@ -192,7 +205,7 @@ def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu"
                          f"{unexpected[:5]})")
     model.eval().to(device)
     if recipe.kv is not None:
-        install_kv_quantization(model, recipe.kv, rotate=recipe.kv_rotation)
+        install_kv_quantization(model, recipe.kv, rotate=recipe.kv_rotation, sink_tokens=recipe.kv_sink_tokens)
     tokenizer = None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(root)

@@ -5,6 +5,11 @@ and the values, per head and token along ``head_dim``, optionally after a normal
 (``q·kᵀ = (q·H)(k·H)ᵀ``, so rotating the keys and rotating back after quantization is exact before rounding), then
 calls the attention the model was using (its own eager function, or SDPA). Keys and values are quantized where they
 enter attention, so a cache holds quantized values and a full-sequence evaluation sees exactly what decoding would.
+
+Options beyond the per-head Hadamard (RotateKV / KVQuant ideas): any scheme of the formats layer (asymmetric groups
+of 32 or 64 along ``head_dim`` hold a 2- or 3-bit cache together far better than one scale per head), and
+``sink_tokens``: the first positions of the sequence — the attention sinks (BOS and the tokens right after it, which
+draw most of the attention mass and carry the largest keys) — stay in full precision, as a cache would keep them.
 """
 
 from __future__ import annotations
@@ -26,11 +31,20 @@ class KVQuantizer:
     scheme: QuantScheme
     rotate: bool
     inner: str  # the attention implementation the model used before ("sdpa", "eager", ...)
+    sink_tokens: int = 0  # leading positions kept in full precision
 
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+    def _quantize(self, t: torch.Tensor) -> torch.Tensor:
         if not self.rotate:
             return fake_quantize(t, self.scheme)
         return inverse_hadamard_transform(fake_quantize(hadamard_transform(t), self.scheme))
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        # t: [batch, kv_heads, seq, head_dim]; the cache is always read from position 0, so the sinks are the first
+        # positions of the tensor both in a full-sequence forward and at every decoding step.
+        k = min(self.sink_tokens, t.shape[-2])
+        if k == 0:
+            return self._quantize(t)
+        return torch.cat([t[..., :k, :], self._quantize(t[..., k:, :])], dim=-2)
 
 
 def _inner_attention(module: nn.Module, name: str):
@@ -76,10 +90,13 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def install_kv_quantization(model: nn.Module, scheme, *, rotate: bool = True) -> int:
+def install_kv_quantization(model: nn.Module, scheme, *, rotate: bool = True, sink_tokens: int = 0) -> int:
     """Quantize the KV cache of ``model`` with ``scheme`` (per head/token along head_dim); returns the number of
-    attention modules covered. Raises ValueError for a model whose attention hadakit cannot reach."""
+    attention modules covered. ``sink_tokens`` leading positions stay in full precision. Raises ValueError for a
+    model whose attention hadakit cannot reach."""
     scheme = get_scheme(scheme)
+    if sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
     mods = attention_modules(model)
     if not mods:
         raise ValueError(
@@ -93,7 +110,9 @@ def install_kv_quantization(model: nn.Module, scheme, *, rotate: bool = True) ->
             raise ValueError(f"{name}: head_dim {head_dim} has no Hadamard matrix; use kv_rotation=False")
         current = mod.config._attn_implementation
         inner = current if current != ATTN_NAME else getattr(mod, "_hadakit_kv").inner
-        mod._hadakit_kv = KVQuantizer(scheme, rotate, inner or "sdpa")
+        if scheme.granularity == "group" and head_dim % scheme.group_size:
+            raise ValueError(f"{name}: KV group size {scheme.group_size} does not divide head_dim {head_dim}")
+        mod._hadakit_kv = KVQuantizer(scheme, rotate, inner or "sdpa", sink_tokens)
     for cfg in {id(m.config): m.config for _, m in mods}.values():
         cfg._attn_implementation = ATTN_NAME
     return len(mods)

@@ -17,8 +17,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from hadakit.formats import get_scheme, quantize
-from hadakit.models.gptq import HessianAccumulator, gptq_quantize
+from hadakit.formats import QuantScheme, quantize
+from hadakit.models.calibrate import (InputStats, LinearFit, LinearProblem, input_matrix, search_act_clip,
+                                      search_smoothing, train_transform)
+from hadakit.models.gptq import gptq_quantize
 from hadakit.models.kv_cache import install_kv_quantization
 from hadakit.models.qlinear import RotatedQuantLinear
 from hadakit.models.quantizers import SchemeGroupQuantizer
@@ -36,6 +38,7 @@ class QuantizationReport:
     seconds: float = 0.0
     weight_bits: float = 0.0  # bits per quantized weight element, scales included
     peak_memory_mb: float = 0.0
+    fits: dict[str, dict] = field(default_factory=dict)  # layer -> calibrated options and errors (see calibrate)
 
     def summary(self) -> str:
         lines = [f"{self.recipe.label()}: {len(self.quantized)} linears quantized, {len(self.skipped)} kept in full "
@@ -110,7 +113,7 @@ def make_rotation(recipe: QuantRecipe, name: str, n: int, report: QuantizationRe
 
 def _quantize_weight(w_rot: torch.Tensor, recipe: QuantRecipe, hessian: torch.Tensor | None):
     """Packed + dequantized rotated weight with the recipe's weight scheme and method."""
-    scheme = get_scheme(recipe.weight)
+    scheme = recipe.weight_scheme()
     if recipe.method == "gptq" and hessian is not None:
         gq = SchemeGroupQuantizer(scheme, w_rot)
         gptq_quantize(w_rot, hessian, gq, recipe.gptq)
@@ -120,15 +123,26 @@ def _quantize_weight(w_rot: torch.Tensor, recipe: QuantRecipe, hessian: torch.Te
     return packed, packed.dequantize(w_rot.dtype)
 
 
-def _replace(model, name, mod, recipe, report, hessian=None, rotation=None) -> None:
+def _replace(model, name, mod, recipe, report, hessian=None, rotation=None, fit: LinearFit | None = None) -> None:
+    """Swap ``mod`` for a ``RotatedQuantLinear``; ``hessian`` is the raw input Hessian (transformed here)."""
     w = linear_weight(mod).detach()
     if rotation is None:
         rotation = make_rotation(recipe, name, w.shape[1], report)
-    w_rot = rotation(w) if rotation is not None else w
-    packed, w_q = (None, w_rot.clone()) if recipe.weight is None else _quantize_weight(w_rot, recipe, hessian)
+    fit = fit or LinearFit()
+    w_t = w * fit.smooth.to(w.dtype) if fit.smooth is not None else w
+    w_t = rotation(w_t) if rotation is not None else w_t
+    if fit.transform is not None:
+        w_t = fit.transform.weight_side(w_t)
+    if hessian is not None and (fit.smooth is not None or rotation is not None or fit.transform is not None):
+        m = input_matrix(w.shape[1], fit.smooth, rotation, fit.transform, device=hessian.device)
+        hessian = m.t() @ hessian @ m  # inputs T(x) = x·M
+    packed, w_q = (None, w_t.clone()) if recipe.weight is None else _quantize_weight(w_t, recipe, hessian)
     bias = mod.bias.detach() if mod.bias is not None else None
+    act = recipe.act_scheme()
+    if act is not None and fit.act_clip is not None:
+        act = act.replace(clip_ratio=fit.act_clip)
     new = RotatedQuantLinear(w.shape[1], w.shape[0], weight=w_q, bias=bias, packed=packed, rotation=rotation,
-                             act_scheme=get_scheme(recipe.act) if recipe.act is not None else None)
+                             act_scheme=act, smooth=fit.smooth, transform=fit.transform)
     _set_module(model, name, new.to(w.device))
     report.quantized.append(name)
 
@@ -186,32 +200,58 @@ def _call_layer(layer, hidden, kwargs):
     return _first_tensor(layer(hidden, **kw))
 
 
+def _fit_linear(recipe: QuantRecipe, mod: nn.Module, rotation, stats: InputStats, seed: int) -> LinearFit:
+    """Calibrated options of one linear from its input statistics (see ``models/calibrate``)."""
+    w = linear_weight(mod).detach().float()
+    a_scheme: QuantScheme | None = recipe.act_scheme()
+    problem = LinearProblem(stats.sample(), w, rotation, recipe.weight_scheme(), a_scheme)
+    fit = LinearFit(error_before=problem.error())
+    err = fit.error_before
+    if recipe.smooth is not None:
+        fit.smooth, fit.alpha, err = search_smoothing(
+            problem, stats, fixed=None if recipe.smooth == "search" else float(recipe.smooth))
+    if recipe.learned:
+        with torch.enable_grad():
+            fit.transform, err = train_transform(problem, fit.smooth, recipe.learned, steps=recipe.learn_steps,
+                                                 seed=seed)
+        err = problem.error(smooth=fit.smooth, transform=fit.transform)
+    if recipe.act_clip == "search" and a_scheme is not None:
+        fit.act_clip, err = search_act_clip(problem, fit.smooth, fit.transform)
+    fit.error_after = err
+    return fit
+
+
 @torch.no_grad()
-def _gptq_layerwise(model, recipe, linears, windows, report, progress: Callable[[str], None] | None):
+def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Callable[[str], None] | None):
+    """One decoder layer at a time: record each linear's inputs, fit its options, quantize (GPTQ on the transformed
+    weights and Hessian), then run the quantized layer to make the next layer's inputs."""
     layers = find_decoder_layers(model)
     inputs, kwargs = capture_layer_inputs(model, layers, windows)
+    gptq = recipe.method == "gptq" and recipe.weight is not None
+    per_window = max(1, recipe.calib_rows // max(1, len(inputs)))
     done = set()
     for i, layer in enumerate(layers):
         names = {n: m for n, m in linears.items() if any(m is mm for mm in layer.modules())}
         rotations = {n: make_rotation(recipe, n, linear_weight(m).shape[1], report) for n, m in names.items()}
-        accs = {n: HessianAccumulator(linear_weight(m).shape[1], device=inputs[0].device) for n, m in names.items()}
-        hooks = []
-        for n, m in names.items():
-            def hook(mod, args, n=n):
-                x = args[0]
-                rot = rotations[n]
-                accs[n].add(rot(x) if rot is not None else x)
-            hooks.append(m.register_forward_pre_hook(hook))
+        stats = {n: InputStats(linear_weight(m).shape[1], hessian=gptq, max_rows=recipe.calib_rows,
+                               rows_per_window=per_window, device=inputs[0].device) for n, m in names.items()}
+        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: stats[n].add(args[0])) for n, m in names.items()]
         for x in inputs:
             _call_layer(layer, x, kwargs[i])
         for h in hooks:
             h.remove()
         for n, m in names.items():
-            _replace(model, n, m, recipe, report, hessian=accs[n].h, rotation=rotations[n])
+            fit = _fit_linear(recipe, m, rotations[n], stats[n], seed=_layer_seed(recipe.rotation.seed, n))
+            if fit.smooth is not None or fit.act_clip is not None or fit.transform is not None:
+                report.fits[n] = dict(alpha=fit.alpha, act_clip=fit.act_clip,
+                                      transform=fit.transform.mode if fit.transform is not None else None,
+                                      error_before=fit.error_before, error_after=fit.error_after)
+            _replace(model, n, m, recipe, report, hessian=stats[n].h, rotation=rotations[n], fit=fit)
+            stats[n] = None  # free the Hessian and samples before the next layer
             done.add(n)
         inputs = [_call_layer(layer, x, kwargs[i]) for x in inputs]
         if progress:
-            progress(f"GPTQ layer {i + 1}/{len(layers)}")
+            progress(f"{'GPTQ' if gptq else 'calibration'} layer {i + 1}/{len(layers)}")
     return done
 
 
@@ -226,10 +266,11 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, *, calib: torch.Tensor
         if not linears:
             raise ValueError(f"{type(model).__name__}: no linear layer to quantize (all matched skip={recipe.skip})")
         done: set[str] = set()
-        if recipe.method == "gptq" and recipe.weight is not None:
+        if recipe.needs_calibration:
             if calib is None:
-                raise ValueError("GPTQ needs calibration windows (calib=...)")
-            done = _gptq_layerwise(model, recipe, linears, calib, report, progress)
+                raise ValueError(f"recipe {recipe.label()!r} needs calibration windows (calib=...): GPTQ and the "
+                                 f"calibrated options fit on them")
+            done = _calibrate_layerwise(model, recipe, linears, calib, report, progress)
         for name, mod in linears.items():  # RTN, and linears outside the layer stack
             if name not in done:
                 _replace(model, name, mod, recipe, report)
@@ -238,6 +279,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, *, calib: torch.Tensor
             bits = sum(m.packed.bits_per_element * m.weight.numel() for m in qmods)
             report.weight_bits = bits / sum(m.weight.numel() for m in qmods)
     if recipe.kv is not None:
-        report.kv_modules = install_kv_quantization(model, recipe.kv, rotate=recipe.kv_rotation)
+        report.kv_modules = install_kv_quantization(model, recipe.kv, rotate=recipe.kv_rotation,
+                                                    sink_tokens=recipe.kv_sink_tokens)
     report.seconds = time.perf_counter() - t0
     return report

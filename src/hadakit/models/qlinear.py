@@ -4,6 +4,12 @@
 optionally with random signs or block-diagonal). Since ``Rᵀ·R = I`` the product is exact before quantization;
 rotating spreads outliers over all channels so both quantizers see flatter distributions.
 
+Two calibrated stages can come with the rotation (``models/calibrate``): per-channel smoothing scales ``s`` before it
+(``x/s`` online, ``W·diag(s)`` offline: SmoothQuant's migration of outliers from activations into weights, exact
+for any architecture because the division rides along with the rotation), and a learned Kronecker transform ``P``
+after it (``x·P`` online, ``W·P⁻ᵀ`` offline; orthogonal or affine). The whole input map is
+``T(x) = ((x/s)·Rᵀ)·P`` and the stored weight is ``Q_w(W·T⁻ᵀ)``.
+
 The weight is kept dequantized (``weight``, what the forward uses) and packed (``packed``, a ``QuantizedTensor``,
 what a checkpoint stores); the dequantized copy is computed from the packed one, so a reloaded model gives the same
 logits bit for bit.
@@ -17,6 +23,7 @@ from torch import nn
 
 from hadakit.formats import QuantizedTensor, QuantScheme, fake_quantize
 from hadakit.transforms import HadamardRotation
+from hadakit.transforms.kronecker import KroneckerTransform
 
 
 class RotatedQuantLinear(nn.Module):
@@ -30,6 +37,8 @@ class RotatedQuantLinear(nn.Module):
         packed: QuantizedTensor | None = None,
         rotation: HadamardRotation | None = None,
         act_scheme: QuantScheme | None = None,
+        smooth: torch.Tensor | None = None,
+        transform: KroneckerTransform | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -38,10 +47,23 @@ class RotatedQuantLinear(nn.Module):
         self.packed = packed
         self.rotation = rotation
         self.act_scheme = act_scheme
+        if smooth is not None and smooth.shape != (in_features,):
+            raise ValueError(f"smooth scales must have shape ({in_features},), got {tuple(smooth.shape)}")
+        self.register_buffer("smooth", None if smooth is None else smooth.detach().float().clone())
+        self.transform = transform
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``T(x)``: smoothing, rotation and learned transform, before the activation quantizer."""
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
         if self.rotation is not None:
             x = self.rotation(x)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.transform_input(x)
         if self.act_scheme is not None:
             x = fake_quantize(x, self.act_scheme)
         return F.linear(x, self.weight, self.bias)
@@ -54,4 +76,8 @@ class RotatedQuantLinear(nn.Module):
             parts.append(f"act={self.act_scheme.describe()}")
         if self.rotation is not None:
             parts.append(f"rotation={self.rotation.construction} signs={self.rotation.sign_mode}")
+        if self.smooth is not None:
+            parts.append("smooth")
+        if self.transform is not None:
+            parts.append(f"transform={self.transform.mode} {self.transform.split[0]}x{self.transform.split[1]}")
         return ", ".join(parts)

@@ -15,12 +15,27 @@ preset                meaning
 ``mxfp4``             MXFP4 weights and activations (E2M1, blocks of 32, E8M0 scales, OCP floor rule)
 ``nvfp4_w``           NVFP4 weights only (E2M1, blocks of 16, E4M3 scales, fp32 tensor scale)
 ``nvfp4``             NVFP4 weights and activations (activations per token, dynamic)
-``kv4`` / ``kv2``     only the KV cache, 4 / 2 bits
+``kv4``/``kv3``/``kv2`` only the KV cache, 4 / 3 / 2 bits
 ====================  ==========================================================================================
 
 Rotation (``RotationConfig.kind``): ``none``; ``hadamard`` (an online ``H`` on the input of every quantized linear,
 ``y = Q(x·Hᵀ)·Q(W·Hᵀ)ᵀ``, exact before quantization since ``HᵀH = I``); ``random`` (``H·D`` with seeded signs, a
 different seed per layer); ``block`` (block-diagonal ``H`` of ``block_size``).
+
+Calibrated options (``models/calibrate``), written after the method in a spec, comma-separated
+(``"w4a4:random:gptq:smooth=search,aclip=search,wclip,learn=affine"``):
+
+==================  ===============================================================================================
+option              meaning
+==================  ===============================================================================================
+``smooth=A``        per-channel smoothing before the rotation, migration strength ``A`` or ``search`` (per layer)
+``aclip=R``         activation clip ratio ``R`` or ``search`` (one per layer, by output error)
+``wclip``           MSE-optimal clip ratio per weight group (inside GPTQ's scale fit too)
+``learn=M``         a learned Kronecker transform after the rotation: ``orthogonal`` (Cayley) or ``affine``
+``steps=N``         optimization steps of ``learn`` per layer
+``kvgroup=G``       KV quantized in groups of ``G`` along head_dim instead of one scale per head and token
+``sinks=K``         the first ``K`` positions of the KV cache stay in full precision (attention sinks)
+==================  ===============================================================================================
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ from hadakit.models.gptq import GPTQConfig
 
 ROTATIONS = ("none", "hadamard", "random", "block")
 METHODS = ("rtn", "gptq")
+LEARNED = (None, "orthogonal", "affine")
 
 
 @dataclass(frozen=True)
@@ -82,16 +98,74 @@ class QuantRecipe:
     skip: tuple[str, ...] = ("lm_head", "embed")
     calib_windows: int = 32
     calib_len: int = 512
+    smooth: float | str | None = None
+    act_clip: float | str | None = None
+    weight_clip: bool = False
+    learned: str | None = None
+    learn_steps: int = 60
+    calib_rows: int = 2048
+    kv_sink_tokens: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for fname, lo in (("smooth", 0.0), ("act_clip", 1e-9)):
+            v = getattr(self, fname)
+            if v is not None and v != "search" and not (isinstance(v, (int, float)) and lo <= float(v) <= 1.0):
+                raise ValueError(f"{fname} must be a number in [{lo:g}, 1] or 'search', got {v!r}")
+        if self.learned not in LEARNED:
+            raise ValueError(f"learned must be one of {LEARNED}, got {self.learned!r}")
+        if self.kv_sink_tokens < 0 or self.learn_steps < 0 or self.calib_rows < 1:
+            raise ValueError("kv_sink_tokens and learn_steps must be >= 0 and calib_rows >= 1")
+        if (self.smooth is not None or self.act_clip == "search" or self.learned) and self.weight is None \
+                and self.act is None:
+            raise ValueError("smooth / act_clip search / learned transforms need quantized weights or activations")
         object.__setattr__(self, "skip", tuple(self.skip))
         from hadakit.formats import get_scheme  # validate scheme names early, with the formats layer's message
 
         for s in (self.weight, self.act, self.kv):
             if s is not None:
                 get_scheme(s)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing needs calibration data (GPTQ, or a calibrated option)."""
+        return bool((self.method == "gptq" and self.weight is not None) or self.smooth is not None
+                    or self.act_clip == "search" or self.learned)
+
+    def weight_scheme(self):
+        """The weight scheme with ``weight_clip`` applied (None for full-precision weights)."""
+        from hadakit.formats import get_scheme
+
+        if self.weight is None:
+            return None
+        s = get_scheme(self.weight)
+        return s.replace(clip_search=True) if self.weight_clip else s
+
+    def act_scheme(self):
+        """The activation scheme with a fixed ``act_clip`` applied (a searched one is set per layer)."""
+        from hadakit.formats import get_scheme
+
+        if self.act is None:
+            return None
+        s = get_scheme(self.act)
+        return s.replace(clip_ratio=float(self.act_clip)) if isinstance(self.act_clip, (int, float)) else s
+
+    def option_labels(self) -> list[str]:
+        out = []
+        if self.smooth is not None:
+            out.append(f"smooth={self.smooth}")
+        if self.act_clip is not None:
+            out.append(f"aclip={self.act_clip}")
+        if self.weight_clip:
+            out.append("wclip")
+        if self.learned:
+            out.append(f"learn={self.learned}")
+        if self.kv is not None and isinstance(self.kv, dict) and self.kv.get("granularity") == "group":
+            out.append(f"kvgroup={self.kv['group_size']}")
+        if self.kv_sink_tokens:
+            out.append(f"sinks={self.kv_sink_tokens}")
+        return out
 
     @property
     def quantizes_linears(self) -> bool:
@@ -105,7 +179,8 @@ class QuantRecipe:
         parts = [self.name, self.rotation.label()]
         if self.weight is not None:
             parts.append(self.method)
-        return " ".join(parts)
+        opts = self.option_labels()
+        return " ".join(parts) + (" +" + ",".join(opts) if opts else "")
 
     def with_options(self, *, rotation: str | None = None, block_size: int | None = None, method: str | None = None,
                      seed: int | None = None) -> "QuantRecipe":
@@ -157,6 +232,7 @@ _PRESETS: dict[str, dict] = {
     "nvfp4_w": dict(weight="nvfp4"),
     "nvfp4": dict(weight="nvfp4", act="nvfp4"),
     "kv4": dict(kv=_kv_scheme(4)),
+    "kv3": dict(kv=_kv_scheme(3)),
     "kv2": dict(kv=_kv_scheme(2)),
 }
 
@@ -183,5 +259,47 @@ def get_recipe(spec: str | QuantRecipe, **overrides) -> QuantRecipe:
             rot, block = "block", int(rot.split("-", 1)[1])
         recipe = recipe.with_options(rotation=rot, block_size=block, method=opts[1] if len(opts) > 1 else None)
         if len(opts) > 2:
-            raise ValueError(f"recipe spec {spec!r}: expected name[:rotation[:method]]")
+            recipe = apply_options(recipe, opts[2])
+        if len(opts) > 3:
+            raise ValueError(f"recipe spec {spec!r}: expected name[:rotation[:method[:options]]]")
     return dataclasses.replace(recipe, **overrides) if overrides else recipe
+
+
+def _number_or_search(key: str, value: str | None):
+    if value == "search":
+        return "search"
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"recipe option {key}= needs a number or 'search', got {value!r}") from None
+
+
+def apply_options(recipe: QuantRecipe, options: str) -> QuantRecipe:
+    """Apply a comma-separated option string (see the module docstring) to ``recipe``."""
+    changes: dict = {}
+    for item in filter(None, (o.strip() for o in options.split(","))):
+        key, _, value = item.partition("=")
+        value = value or None
+        if key == "smooth":
+            changes["smooth"] = _number_or_search(key, value)
+        elif key == "aclip":
+            changes["act_clip"] = _number_or_search(key, value)
+        elif key == "wclip":
+            changes["weight_clip"] = True
+        elif key == "learn":
+            changes["learned"] = value or "affine"
+        elif key == "steps":
+            changes["learn_steps"] = int(value)
+        elif key == "sinks":
+            changes["kv_sink_tokens"] = int(value)
+        elif key == "kvgroup":
+            if recipe.kv is None:
+                raise ValueError(f"recipe option kvgroup: recipe {recipe.name!r} has no KV quantization")
+            from hadakit.formats import get_scheme
+
+            kv = get_scheme(recipe.kv).replace(granularity="group", group_size=int(value)).to_dict()
+            changes["kv"] = kv
+        else:
+            raise ValueError(f"unknown recipe option {key!r}; known: smooth, aclip, wclip, learn, steps, sinks, "
+                             f"kvgroup")
+    return dataclasses.replace(recipe, **changes)
