@@ -238,3 +238,32 @@ def test_kv_sinks_stay_exact_and_groups_help():
     assert torch.equal(out[:, :, 2:], per_head(k[:, :, 2:]))
     err = {n: ((q(k) - k) ** 2).sum().item() for n, q in (("head", per_head), ("group", grouped))}
     assert err["group"] < 0.7 * err["head"], err
+
+
+# --- encoders: held-out sentences and embedding cosine -----------------------------------------------------------
+
+def test_held_out_sentences_are_deterministic_speech():
+    from hadakit.models import sentences
+
+    s = sentences("twelfth_night", 32)
+    assert len(s) == 32 and s == sentences("twelfth_night", 32)
+    assert s[1].startswith("If music be the food of love")
+    assert all(6 <= len(x.split()) <= 40 for x in s)
+    with pytest.raises(ValueError, match="only"):
+        sentences("phoenix_and_the_turtle", 10_000)
+
+
+@pytest.mark.model
+def test_embedding_comparison_scores_rotation_above_plain_w4a4(minilm):
+    from hadakit.models.compare import embedding_markdown, run_embedding_comparison
+
+    model, tok, _, _ = minilm
+    res = run_embedding_comparison(model, tok, ["fp:random", "w4a4:none:rtn", "w4a4:random:rtn:aclip=search"],
+                                   model_name="minilm", n_sentences=16, calib_windows=2, calib_len=32,
+                                   progress=lambda s: None)
+    cos = {r["label"]: r["cosine"] for r in res["rows"]}
+    assert cos["fp random"] > 0.99999  # the rotation alone is exact
+    assert cos["w4a4 random rtn +aclip=search"] > cos["w4a4 none rtn"] + 0.05, cos
+    assert "mean cosine" in embedding_markdown(res)
+    with pytest.raises(ValueError, match="calibration text"):
+        run_embedding_comparison(model, tok, ["w4a4"], model_name="m", text="lear")

@@ -245,15 +245,23 @@ def test_cli_compare_end_to_end_on_default_model(tmp_path, capsys):
     from hadakit.cli.main import main
 
     rc = main(["quantize", "--compare", "--recipe", "w4a4:none:rtn", "--recipe", "w4a4:random:rtn",
-               "--windows", "2", "--window-len", "64", "--results", str(tmp_path), "--no-samples"])
+               "--recipe", "w4a4:random:rtn:smooth=search,aclip=search", "--calib-windows", "2", "--calib-len", "64",
+               "--windows", "2", "--window-len", "64", "--also-eval", "macbeth", "--results", str(tmp_path),
+               "--no-samples"])
     assert rc == 0
     data = json.loads((tmp_path / "compare.json").read_text())
     labels = [r["label"] for r in data["rows"]]
-    assert labels == ["fp", "w4a4 none rtn", "w4a4 random rtn"]
+    assert labels == ["fp", "w4a4 none rtn", "w4a4 random rtn", "w4a4 random rtn +smooth=search,aclip=search"]
     ppl = {r["label"]: r["ppl"] for r in data["rows"]}
     assert ppl["fp"] < ppl["w4a4 random rtn"] < ppl["w4a4 none rtn"]
+    held = {r["label"]: r["extra_ppl"]["macbeth"] for r in data["rows"]}
+    assert held["fp"] < held["w4a4 random rtn"] < held["w4a4 none rtn"]
+    assert data["rows"][0]["extra_ratio"]["macbeth"] == 1.0
+    assert all(r["peak_rss_mb"] > 100 for r in data["rows"])
     assert (tmp_path / "compare.md").read_text().count("|") > 20
+    assert "PPL macbeth" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "compare-time.png").read_bytes().startswith(b"\x89PNG")
     out = capsys.readouterr().out
     assert "w4a4 random rtn" in out and "x FP" in out
 

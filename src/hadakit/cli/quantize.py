@@ -17,9 +17,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "recipe .json file; repeat with --compare")
     p.add_argument("--compare", action="store_true", help="run several recipes and print one table")
     p.add_argument("--full", action="store_true", help="with --compare: every row of the peer table (slower)")
+    p.add_argument("--ablation", action="store_true",
+                   help="with --compare: the calibrated options (smoothing, clipping, learned transforms, KV) on "
+                        "and off on the 4-bit recipes (slow: about 1.5 h on a 2-core CPU)")
     p.add_argument("--text", default="hamlet", help="evaluation text: built-in play name or a text file")
     p.add_argument("--windows", type=int, default=8, help="evaluation windows")
     p.add_argument("--window-len", type=int, default=512, help="tokens per evaluation window (BOS added)")
+    p.add_argument("--also-eval", action="append", default=None, metavar="TEXT",
+                   help="a second held-out text (play name or file) scored with the same windows; repeatable")
     p.add_argument("--calib-text", default="lear", help="calibration text (never the evaluation text)")
     p.add_argument("--calib-windows", type=int, default=None, help="calibration windows for GPTQ")
     p.add_argument("--calib-len", type=int, default=None, help="tokens per calibration window")
@@ -28,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default="hadakit-results", help="folder for the comparison JSON and Markdown")
     p.add_argument("--no-samples", action="store_true", help="skip the greedy-decoded sample lines")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--cosine", action="store_true",
+                   help="for encoder models (e.g. all-MiniLM-L6-v2): score each recipe by the cosine of its sentence "
+                        "embeddings to the unquantized model's on held-out sentences (--text, default twelfth_night)")
 
 
 def _log(msg: str) -> None:
@@ -38,28 +46,35 @@ def run_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from hadakit.models import TextWindows, load_model
-    from hadakit.models.compare import FULL_RECIPES, QUICK_CALIB_WINDOWS, QUICK_RECIPES, run_comparison
+    from hadakit.models.compare import (ABLATION_RECIPES, FULL_RECIPES, QUICK_CALIB_WINDOWS, QUICK_RECIPES,
+                                        run_comparison)
 
     if args.out and Path(args.out).exists() and not args.force:
         raise FileExistsError(f"output directory {args.out} already exists; pass --force to replace it")
     if args.out and args.compare:
         raise ValueError("--out saves one quantized model: use it with a single --recipe, not --compare")
-    recipes = args.recipe or (list(FULL_RECIPES if args.full else QUICK_RECIPES) if args.compare
-                              else ["w4a4:random:gptq"])
+    if args.full and args.ablation:
+        raise ValueError("--full and --ablation are two different recipe lists: pick one")
+    default_list = ABLATION_RECIPES if args.ablation else FULL_RECIPES if args.full else QUICK_RECIPES
+    recipes = args.recipe or (list(default_list) if args.compare else ["w4a4:random:gptq"])
     if not args.compare and len(recipes) > 1:
         raise ValueError("several --recipe values need --compare")
     calib_windows = args.calib_windows
-    if calib_windows is None and args.compare and not args.full and not args.recipe:
+    if calib_windows is None and args.compare and not (args.full or args.ablation) and not args.recipe:
         calib_windows = QUICK_CALIB_WINDOWS
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cosine:
+        return _run_cosine(args, recipes, device)
     eval_windows = TextWindows(text=args.text, window=args.window_len, n_windows=args.windows)
+    extra_eval = tuple(TextWindows(text=t, window=args.window_len, n_windows=args.windows)
+                       for t in (args.also_eval or ()))
     t0 = time.perf_counter()
     _log(f"loading {args.model or 'the built-in Gemma 3 270M (GGUF)'}")
     model, tokenizer = load_model(args.model, device=device)
     model_name = str(args.model or "gemma-3-270m (Q4_K_M GGUF, dequantized to fp32)")
     _log(f"loaded in {time.perf_counter() - t0:.0f} s")
 
-    from hadakit.models.compare import CompareResult, save_plot
+    from hadakit.models.compare import CompareResult, save_plot, save_tradeoff_plot
 
     def show(row):
         print(f"{row.label:<28} PPL {row.ppl:>10.2f}  x{row.ppl_ratio:.3f}  bits/w {row.weight_bits:.3f}  "
@@ -71,15 +86,17 @@ def run_quantize(args: argparse.Namespace) -> int:
         model, tokenizer, recipes if args.compare else ["fp", recipes[0]], model_name=model_name,
         eval_windows=eval_windows, calib_text=args.calib_text, calib_windows=calib_windows,
         calib_len=args.calib_len, prompts=() if args.no_samples else ("To be, or not to be,", "My lord, the king"),
-        progress=_log, on_row=show, keep_last=bool(args.out))
+        progress=_log, on_row=show, keep_last=bool(args.out), extra_eval=extra_eval)
     print()
     print(result.table())
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = "compare" if args.compare else "quantize"
+    stamp = ("ablation" if args.ablation else "compare") if args.compare else "quantize"
     (out_dir / f"{stamp}.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     (out_dir / f"{stamp}.md").write_text(result.markdown() + "\n")
     plot = save_plot(result, out_dir / f"{stamp}.png")
+    if args.compare and len(result.rows) > 2:
+        save_tradeoff_plot(result, out_dir / f"{stamp}-time.png")
     print(f"\nwrote {out_dir / (stamp + '.json')}, {out_dir / (stamp + '.md')}" + (f" and {plot}" if plot else "")
           + f" (total {time.perf_counter() - t0:.0f} s)")
     if args.out:
@@ -90,6 +107,30 @@ def run_quantize(args: argparse.Namespace) -> int:
         path = save_quantized_model(result.last_model, tokenizer, get_recipe(recipes[0]), args.out, force=args.force,
                                     extra=dict(eval=eval_windows.to_dict(), ppl=row.ppl, source=model_name))
         print(f"saved {path} ({checkpoint_size_bytes(path) / 1e6:.1f} MB); reproduce with: hadakit eval {path}")
+    return 0
+
+
+def _run_cosine(args: argparse.Namespace, recipes: list[str], device: str) -> int:
+    from hadakit.models import load_model
+    from hadakit.models.compare import embedding_markdown, run_embedding_comparison
+
+    if args.model is None:
+        raise ValueError("--cosine scores an encoder: pass --model DIR (e.g. the all-MiniLM-L6-v2 directory)")
+    if not args.recipe:
+        recipes = ["w4a4:none:rtn", "w4a4:hadamard:rtn", "w4a4:random:rtn", "w4a4:random:gptq",
+                   "w4a4:random:gptq:smooth=search,aclip=search,wclip"]
+    model, tokenizer = load_model(args.model, device=device)
+    result = run_embedding_comparison(model, tokenizer, recipes, model_name=str(args.model),
+                                      text="twelfth_night" if args.text == "hamlet" else args.text,
+                                      calib_text=args.calib_text, calib_windows=args.calib_windows or 16,
+                                      calib_len=args.calib_len or 128, progress=_log)
+    md = embedding_markdown(result)
+    print(md)
+    out_dir = Path(args.results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "cosine.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / "cosine.md").write_text(md + "\n")
+    print(f"\nwrote {out_dir / 'cosine.json'} and {out_dir / 'cosine.md'}")
     return 0
 
 

@@ -8,10 +8,11 @@ from .data import (
     calibration_windows,
     make_windows,
     read_text,
+    sentences,
     strip_gutenberg,
     tokenize_text,
 )
-from .evaluate import generate_samples, perplexity, window_nll
+from .evaluate import embedding_cosine, generate_samples, perplexity, sentence_embeddings, window_nll
 from .loading import (
     cache_root,
     default_model_path,
@@ -30,6 +31,7 @@ __all__ = [
     "calibration_windows",
     "default_model_path",
     "describe_model",
+    "embedding_cosine",
     "generate_samples",
     "gguf_architecture",
     "gguf_cache_dir",
@@ -37,6 +39,8 @@ __all__ = [
     "make_windows",
     "perplexity",
     "read_text",
+    "sentence_embeddings",
+    "sentences",
     "strip_gutenberg",
     "tokenize_text",
     "window_nll",

@@ -92,22 +92,34 @@ class LinearProblem:
     def __init__(self, x: torch.Tensor, w: torch.Tensor, rotation, w_scheme: QuantScheme | None,
                  a_scheme: QuantScheme | None):
         self.x, self.w = x.float(), w.float()
-        self.rotation, self.w_scheme, self.a_scheme = rotation, w_scheme, a_scheme
+        # The searches use RTN without the per-group clip search as the weight proxy: the clip search costs ~10
+        # quantizations per call, and GPTQ (with the clip search, if asked for) replaces these weights anyway.
+        self.w_scheme = w_scheme.replace(clip_search=False) if w_scheme is not None else None
+        self.rotation, self.a_scheme = rotation, a_scheme
         self.ref = self.x @ self.w.t()
+        self._wq_cache: tuple | None = None  # (smooth, transform, quantized weight) of the last call
 
     def _rot(self, t: torch.Tensor) -> torch.Tensor:
         return self.rotation(t) if self.rotation is not None else t
 
     def error(self, smooth=None, act_clip=None, transform: KroneckerTransform | None = None) -> float:
-        x, w = self.x, self.w
-        if smooth is not None:
-            x, w = x / smooth, w * smooth
-        x, w = self._rot(x), self._rot(w)
+        x = self.x / smooth if smooth is not None else self.x
+        x = self._rot(x)
+        cached = self._wq_cache
+        if cached is not None and cached[0] is smooth and cached[1] is transform:
+            w = cached[2]  # the activation clip search varies only the activation side
+        else:
+            w = self.w * smooth if smooth is not None else self.w
+            w = self._rot(w)
+            if transform is not None:
+                with torch.no_grad():
+                    w = transform.weight_side(w)
+            if self.w_scheme is not None:
+                w = fake_quantize(w, self.w_scheme)
+            self._wq_cache = (smooth, transform, w)
         if transform is not None:
             with torch.no_grad():
-                x, w = transform(x), transform.weight_side(w)
-        if self.w_scheme is not None:
-            w = fake_quantize(w, self.w_scheme)
+                x = transform(x)
         if self.a_scheme is not None:
             x = fake_quantize(x, self.a_scheme if act_clip is None else self.a_scheme.replace(clip_ratio=act_clip))
         return _rel_err(x @ w.t(), self.ref)

@@ -199,6 +199,31 @@ def read_text(name_or_path: str | Path, *, strip_header: bool = True) -> str:
     return text
 
 
+def sentences(name_or_path: str | Path, n: int = 64, *, min_words: int = 6, max_words: int = 40) -> list[str]:
+    """The first ``n`` sentences of ``min_words``–``max_words`` words of a play (speaker names and stage lines
+    dropped, verse lines joined): held-out inputs for encoder models. Deterministic."""
+    text = read_text(name_or_path)
+    first_scene = re.search(r"^\s*(?:ACT|SCENE)\b", text, re.MULTILINE)  # skip the list of persons
+    if first_scene:
+        text = text[first_scene.start():]
+    out: list[str] = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = [ln.strip() for ln in block.splitlines() if ln.strip()]
+        # a speech starts with its speaker's name in capitals ("VIOLA."); stage directions and titles are short
+        # capitalized lines too: keep only lines with lower-case letters
+        speech = " ".join(ln for ln in lines if any(c.islower() for c in ln))
+        for sent in re.split(r"(?<=[.!?;])\s+", speech):
+            words = sent.split()
+            if min_words <= len(words) <= max_words:
+                out.append(" ".join(words))
+                if len(out) == n:
+                    return out
+    if len(out) < n:
+        raise ValueError(f"{str(name_or_path)!r} has only {len(out)} sentences of {min_words}-{max_words} words; "
+                         f"ask for fewer (n={n})")
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Token windows
 # --------------------------------------------------------------------------------------------------------------

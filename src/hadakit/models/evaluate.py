@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["generate_samples", "perplexity", "window_nll"]
+__all__ = ["embedding_cosine", "generate_samples", "perplexity", "sentence_embeddings", "window_nll"]
 
 
 def _device(model: Any) -> torch.device:
@@ -116,3 +116,28 @@ def generate_samples(
     finally:
         model.train(was_training)
     return outputs
+
+
+@torch.no_grad()
+def sentence_embeddings(model: Any, tokenizer: Any, sentences: Sequence[str], *, batch_size: int = 16
+                        ) -> torch.Tensor:
+    """Mean-pooled (over the attention mask), L2-normalized last hidden states: the sentence-transformers
+    embedding of all-MiniLM-L6-v2 and similar encoders. ``[len(sentences), hidden]`` float32."""
+    device = _device(model)
+    model.eval()
+    out = []
+    for i in range(0, len(sentences), batch_size):
+        enc = tokenizer(list(sentences[i:i + batch_size]), return_tensors="pt", padding=True, truncation=True).to(device)
+        hidden = model(**enc).last_hidden_state.float()
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        emb = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        out.append(torch.nn.functional.normalize(emb, dim=-1).cpu())
+    return torch.cat(out)
+
+
+def embedding_cosine(model: Any, reference: torch.Tensor | Any, tokenizer: Any, sentences: Sequence[str]) -> float:
+    """Mean cosine similarity between ``model``'s sentence embeddings and ``reference`` (a model, or the
+    embeddings :func:`sentence_embeddings` returned for the unquantized one)."""
+    ref = reference if isinstance(reference, torch.Tensor) else sentence_embeddings(reference, tokenizer, sentences)
+    emb = sentence_embeddings(model, tokenizer, sentences)
+    return float((emb * ref).sum(-1).mean())

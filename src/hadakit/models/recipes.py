@@ -34,6 +34,7 @@ option              meaning
 ``learn=M``         a learned Kronecker transform after the rotation: ``orthogonal`` (Cayley) or ``affine``
 ``steps=N``         optimization steps of ``learn`` per layer
 ``kvgroup=G``       KV quantized in groups of ``G`` along head_dim instead of one scale per head and token
+``kvclip``          MSE-optimal clip ratio per KV group (searched at every forward, on the tensor being cached)
 ``sinks=K``         the first ``K`` positions of the KV cache stay in full precision (attention sinks)
 ==================  ===============================================================================================
 """
@@ -163,6 +164,8 @@ class QuantRecipe:
             out.append(f"learn={self.learned}")
         if self.kv is not None and isinstance(self.kv, dict) and self.kv.get("granularity") == "group":
             out.append(f"kvgroup={self.kv['group_size']}")
+        if self.kv is not None and isinstance(self.kv, dict) and self.kv.get("clip_search"):
+            out.append("kvclip")
         if self.kv_sink_tokens:
             out.append(f"sinks={self.kv_sink_tokens}")
         return out
@@ -292,14 +295,16 @@ def apply_options(recipe: QuantRecipe, options: str) -> QuantRecipe:
             changes["learn_steps"] = int(value)
         elif key == "sinks":
             changes["kv_sink_tokens"] = int(value)
-        elif key == "kvgroup":
+        elif key in ("kvgroup", "kvclip"):
             if recipe.kv is None:
-                raise ValueError(f"recipe option kvgroup: recipe {recipe.name!r} has no KV quantization")
+                raise ValueError(f"recipe option {key}: recipe {recipe.name!r} has no KV quantization")
             from hadakit.formats import get_scheme
 
-            kv = get_scheme(recipe.kv).replace(granularity="group", group_size=int(value)).to_dict()
-            changes["kv"] = kv
+            kv = get_scheme(changes.get("kv", recipe.kv))
+            kv = kv.replace(granularity="group", group_size=int(value)) if key == "kvgroup" else \
+                kv.replace(clip_search=True)
+            changes["kv"] = kv.to_dict()
         else:
             raise ValueError(f"unknown recipe option {key!r}; known: smooth, aclip, wclip, learn, steps, sinks, "
-                             f"kvgroup")
+                             f"kvgroup, kvclip")
     return dataclasses.replace(recipe, **changes)
