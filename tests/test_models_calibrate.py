@@ -10,7 +10,8 @@ import torch
 
 from hadakit.formats import get_scheme
 from hadakit.models import calibration_windows, load_model, make_windows, read_text
-from hadakit.models.calibrate import InputStats, LinearProblem, search_act_clip, search_smoothing, train_transform
+from hadakit.models.calibrate import (InputStats, LinearProblem, search_act_clip, search_smoothing, train_transform,
+                                      transform_hessian)
 from hadakit.models.checkpoint import load_quantized_model, save_quantized_model
 from hadakit.models.kv_cache import KVQuantizer
 from hadakit.models.pipeline import find_decoder_layers, make_rotation, quantize_model
@@ -74,6 +75,21 @@ def test_rotated_linear_with_smoothing_and_transform_is_exact_unquantized():
     assert ((lin(x) - ref).norm() / ref.norm()) < 1e-5
     with pytest.raises(ValueError, match="smooth scales must have shape"):
         RotatedQuantLinear(640, 48, weight=w_t, bias=None, smooth=torch.ones(3))
+
+
+def test_transformed_hessian_equals_the_hessian_of_transformed_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(3000, 640, dtype=torch.float64) * torch.linspace(0.1, 5, 640, dtype=torch.float64)
+    rot, s = HadamardRotation(640, signs="fixed", seed=1), torch.rand(640) + 0.5
+    t = KroneckerTransform(640, "affine")
+    with torch.no_grad():
+        t.a.add_(0.1 * torch.randn(20, 20))
+    t.freeze()
+    xt = t(rot(x / s.double()))
+    ref = 2 * xt.t() @ xt / 3000
+    got = transform_hessian(2 * x.t() @ x / 3000, s, rot, t)
+    assert torch.equal(got, got.t())
+    assert ((got - ref).norm() / ref.norm()) < 1e-6
 
 
 # --- searches on a real layer -----------------------------------------------------------------------------------

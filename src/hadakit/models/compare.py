@@ -72,30 +72,24 @@ FULL_RECIPES = (
 # `--ablation`: the calibrated options of models/calibrate switched on one at a time on the 4-bit goal recipes, then
 # together (each row's recipe says exactly what ran).
 _W4A4 = "w4a4:random:gptq"
+_ALL = "smooth=search,aclip=search,wclip"
 ABLATION_RECIPES = (
     "fp",
-    "w4a4:random:rtn",
     _W4A4,
     _W4A4 + ":aclip=search",
-    _W4A4 + ":wclip",
-    _W4A4 + ":smooth=search",
-    _W4A4 + ":smooth=search,aclip=search,wclip",
-    "w4a4:random:rtn:smooth=search,aclip=search,learn=orthogonal",
-    "w4a4:random:rtn:smooth=search,aclip=search,learn=affine",
-    _W4A4 + ":smooth=search,aclip=search,wclip,learn=affine",
+    _W4A4 + ":" + _ALL,
+    "w4a4:random:rtn:smooth=search,aclip=search",
     "w4a4kv4:random:gptq",
-    "w4a4kv4:random:gptq:smooth=search,aclip=search,wclip,kvgroup=64,sinks=1",
-    "nvfp4:none:rtn",
+    "w4a4kv4:random:gptq:" + _ALL + ",kvgroup=64,sinks=1",
+    "kv4:none:rtn:kvgroup=64,sinks=1",
+    "kv2:none:rtn:kvgroup=16,kvclip,sinks=1",
+    "w8a8:random:rtn",
+    "w4a16_g128:block-128:gptq:smooth=search,wclip",
+    "nvfp4_w:block-16:gptq:wclip",
     "nvfp4:none:gptq",
     "nvfp4:none:gptq:aclip=search",
     "mxfp4:random:gptq",
     "mxfp4:random:gptq:smooth=search,aclip=search",
-    "nvfp4_w:block-16:gptq",
-    "nvfp4_w:block-16:gptq:wclip",
-    "kv4:none:rtn",
-    "kv4:none:rtn:kvgroup=64,sinks=1",
-    "kv2:none:rtn",
-    "kv2:none:rtn:kvgroup=32,sinks=1",
 )
 
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from hadakit.formats import QuantScheme, quantize
-from hadakit.models.calibrate import (InputStats, LinearFit, LinearProblem, input_matrix, search_act_clip,
-                                      search_smoothing, train_transform)
+from hadakit.models.calibrate import (InputStats, LinearFit, LinearProblem, search_act_clip,
+                                      search_smoothing, train_transform, transform_hessian)
 from hadakit.models.gptq import gptq_quantize
 from hadakit.models.kv_cache import install_kv_quantization
 from hadakit.models.qlinear import RotatedQuantLinear
@@ -134,8 +134,7 @@ def _replace(model, name, mod, recipe, report, hessian=None, rotation=None, fit:
     if fit.transform is not None:
         w_t = fit.transform.weight_side(w_t)
     if hessian is not None and (fit.smooth is not None or rotation is not None or fit.transform is not None):
-        m = input_matrix(w.shape[1], fit.smooth, rotation, fit.transform, device=hessian.device)
-        hessian = m.t() @ hessian @ m  # inputs T(x) = x·M
+        hessian = transform_hessian(hessian, fit.smooth, rotation, fit.transform)  # of the inputs T(x) = x·M
     packed, w_q = (None, w_t.clone()) if recipe.weight is None else _quantize_weight(w_t, recipe, hessian)
     bias = mod.bias.detach() if mod.bias is not None else None
     act = recipe.act_scheme()

@@ -103,8 +103,8 @@ class QuantRecipe:
     act_clip: float | str | None = None
     weight_clip: bool = False
     learned: str | None = None
-    learn_steps: int = 60
-    calib_rows: int = 2048
+    learn_steps: int = 40
+    calib_rows: int = 1024
     kv_sink_tokens: int = 0
 
     def __post_init__(self):
