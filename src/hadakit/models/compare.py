@@ -37,6 +37,7 @@ QUICK_RECIPES = (
     "w4a16_g128:random:gptq",
     "w4a4:none:rtn",
     "w4a4:random:rtn",
+    "w4a4:random:rtn:smooth=search,aclip=search",
     "nvfp4_w:none:rtn",
     "mxfp4:random:rtn",
 )
@@ -80,9 +81,9 @@ ABLATION_RECIPES = (
     _W4A4 + ":" + _ALL,
     "w4a4:random:rtn:smooth=search,aclip=search",
     "w4a4kv4:random:gptq",
-    "w4a4kv4:random:gptq:" + _ALL + ",kvgroup=64,sinks=1",
-    "kv4:none:rtn:kvgroup=64,sinks=1",
-    "kv2:none:rtn:kvgroup=16,kvclip,sinks=1",
+    "w4a4kv4:random:gptq:" + _ALL + ",kvgroup=64,sinks=1,kvcenter",
+    "kv4:none:rtn:kvgroup=64,sinks=1,kvcenter",
+    "kv2:none:rtn:kvgroup=16,sinks=1,kvcenter",
     "w8a8:random:rtn",
     "w4a16_g128:block-128:gptq:smooth=search,wclip",
     "nvfp4_w:block-16:gptq:wclip",
@@ -307,7 +308,7 @@ def run_comparison(
     device = next(model.parameters()).device
     windows = windows.to(device)
     calib_cache: dict[tuple[int, int], torch.Tensor] = {}
-    first_gptq = next((r for r in resolved if r.method == "gptq" and r.weight is not None), None)
+    first_gptq = next((r for r in resolved if r.needs_calibration), None)
     result = CompareResult(model_name, eval_windows.to_dict(),
                            dict(text=calib_text, n_windows=first_gptq.calib_windows if first_gptq else 0,
                                 window=first_gptq.calib_len if first_gptq else 0),
@@ -320,7 +321,7 @@ def run_comparison(
         progress(f"[{label}] quantizing")
         m = copy.deepcopy(model)
         calib = None
-        if recipe.method == "gptq" and recipe.weight is not None:
+        if recipe.needs_calibration:
             key = (recipe.calib_windows, recipe.calib_len)
             if key not in calib_cache:
                 calib_cache[key] = calibration_windows(tokenizer, calib_text, n_windows=key[0], window=key[1]

@@ -21,11 +21,14 @@ from hadakit.formats import QuantScheme, quantize
 from hadakit.models.calibrate import (InputStats, LinearFit, LinearProblem, search_act_clip,
                                       search_smoothing, train_transform, transform_hessian)
 from hadakit.models.gptq import gptq_quantize
-from hadakit.models.kv_cache import install_kv_quantization
+from hadakit.models.kv_cache import calibrate_kv_centers, install_kv_quantization
 from hadakit.models.qlinear import RotatedQuantLinear
 from hadakit.models.quantizers import SchemeGroupQuantizer
 from hadakit.models.recipes import QuantRecipe
 from hadakit.transforms import HadamardRotation, transform_plan
+
+
+KV_CENTER_WINDOWS = 8  # calibration windows the KV centers are averaged over
 
 
 @dataclass
@@ -265,7 +268,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, *, calib: torch.Tensor
         if not linears:
             raise ValueError(f"{type(model).__name__}: no linear layer to quantize (all matched skip={recipe.skip})")
         done: set[str] = set()
-        if recipe.needs_calibration:
+        if recipe.linears_need_calibration:
             if calib is None:
                 raise ValueError(f"recipe {recipe.label()!r} needs calibration windows (calib=...): GPTQ and the "
                                  f"calibrated options fit on them")
@@ -280,5 +283,9 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, *, calib: torch.Tensor
     if recipe.kv is not None:
         report.kv_modules = install_kv_quantization(model, recipe.kv, rotate=recipe.kv_rotation,
                                                     sink_tokens=recipe.kv_sink_tokens)
+        if recipe.kv_center:
+            if calib is None:
+                raise ValueError(f"recipe {recipe.label()!r} needs calibration windows (calib=...) for kvcenter")
+            calibrate_kv_centers(model, calib[:KV_CENTER_WINDOWS])
     report.seconds = time.perf_counter() - t0
     return report

@@ -35,6 +35,7 @@ option              meaning
 ``steps=N``         optimization steps of ``learn`` per layer
 ``kvgroup=G``       KV quantized in groups of ``G`` along head_dim instead of one scale per head and token
 ``kvclip``          MSE-optimal clip ratio per KV group (searched at every forward, on the tensor being cached)
+``kvcenter``        keys and values quantized around calibrated per-channel centers (``Q(x − μ) + μ``)
 ``sinks=K``         the first ``K`` positions of the KV cache stay in full precision (attention sinks)
 ==================  ===============================================================================================
 """
@@ -106,6 +107,7 @@ class QuantRecipe:
     learn_steps: int = 40
     calib_rows: int = 1024
     kv_sink_tokens: int = 0
+    kv_center: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -131,6 +133,11 @@ class QuantRecipe:
     @property
     def needs_calibration(self) -> bool:
         """Whether quantizing needs calibration data (GPTQ, or a calibrated option)."""
+        return self.linears_need_calibration or (self.kv_center and self.kv is not None)
+
+    @property
+    def linears_need_calibration(self) -> bool:
+        """Whether the linears are fitted on calibration data (GPTQ, smoothing, clip search, learned transforms)."""
         return bool((self.method == "gptq" and self.weight is not None) or self.smooth is not None
                     or self.act_clip == "search" or self.learned)
 
@@ -166,6 +173,8 @@ class QuantRecipe:
             out.append(f"kvgroup={self.kv['group_size']}")
         if self.kv is not None and isinstance(self.kv, dict) and self.kv.get("clip_search"):
             out.append("kvclip")
+        if self.kv_center:
+            out.append("kvcenter")
         if self.kv_sink_tokens:
             out.append(f"sinks={self.kv_sink_tokens}")
         return out
@@ -295,6 +304,10 @@ def apply_options(recipe: QuantRecipe, options: str) -> QuantRecipe:
             changes["learn_steps"] = int(value)
         elif key == "sinks":
             changes["kv_sink_tokens"] = int(value)
+        elif key == "kvcenter":
+            if recipe.kv is None:
+                raise ValueError(f"recipe option kvcenter: recipe {recipe.name!r} has no KV quantization")
+            changes["kv_center"] = True
         elif key in ("kvgroup", "kvclip"):
             if recipe.kv is None:
                 raise ValueError(f"recipe option {key}: recipe {recipe.name!r} has no KV quantization")
@@ -306,5 +319,5 @@ def apply_options(recipe: QuantRecipe, options: str) -> QuantRecipe:
             changes["kv"] = kv.to_dict()
         else:
             raise ValueError(f"unknown recipe option {key!r}; known: smooth, aclip, wclip, learn, steps, sinks, "
-                             f"kvgroup, kvclip")
+                             f"kvgroup, kvclip, kvcenter")
     return dataclasses.replace(recipe, **changes)
