@@ -218,7 +218,8 @@ def save_plot(result: CompareResult, path) -> object | None:
     except ImportError:
         return None
     rows = result.rows[1:]
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.4))
+    width = 8 + 0.07 * max([0] + [len(r.label) for r in rows])  # room for long option labels
+    fig, ax = plt.subplots(figsize=(width, 0.32 * len(rows) + 1.4))
     labels = [r.label for r in rows][::-1]
     ratios = [r.ppl_ratio for r in rows][::-1]
     colors = ["#3a7" if "random" in lab or "hadamard" in lab or "block" in lab else "#c54" for lab in labels]
