@@ -33,7 +33,6 @@ DEFAULT_PROMPTS = ("To be, or not to be,", "My lord, the king")
 QUICK_RECIPES = (
     "fp",
     "w8a8:none:rtn",
-    "w4a16_g128:none:rtn",
     "w4a16_g128:random:gptq",
     "w4a4:none:rtn",
     "w4a4:random:rtn",
