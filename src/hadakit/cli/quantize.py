@@ -64,7 +64,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         calib_windows = QUICK_CALIB_WINDOWS
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.cosine:
-        return _run_cosine(args, recipes, device)
+        return _run_cosine(args, device)
     eval_windows = TextWindows(text=args.text, window=args.window_len, n_windows=args.windows)
     extra_eval = tuple(TextWindows(text=t, window=args.window_len, n_windows=args.windows)
                        for t in (args.also_eval or ()))
@@ -116,15 +116,13 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_cosine(args: argparse.Namespace, recipes: list[str], device: str) -> int:
+def _run_cosine(args: argparse.Namespace, device: str) -> int:
     from hadakit.models import load_model
-    from hadakit.models.compare import embedding_markdown, run_embedding_comparison
+    from hadakit.models.compare import ENCODER_RECIPES, embedding_markdown, run_embedding_comparison
 
     if args.model is None:
         raise ValueError("--cosine scores an encoder: pass --model DIR (e.g. the all-MiniLM-L6-v2 directory)")
-    if not args.recipe:
-        recipes = ["w4a4:none:rtn", "w4a4:hadamard:rtn", "w4a4:random:rtn", "w4a4:random:gptq",
-                   "w4a4:random:gptq:smooth=search,aclip=search,wclip"]
+    recipes = args.recipe or list(ENCODER_RECIPES)
     model, tokenizer = load_model(args.model, device=device)
     result = run_embedding_comparison(model, tokenizer, recipes, model_name=str(args.model),
                                       text="twelfth_night" if args.text == "hamlet" else args.text,

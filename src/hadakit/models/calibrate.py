@@ -24,6 +24,7 @@ import torch
 
 from hadakit.formats import QuantScheme, fake_quantize
 from hadakit.models.gptq import HessianAccumulator
+from hadakit.models.qlinear import input_map, weight_map
 from hadakit.transforms.kronecker import KroneckerTransform, kron_apply
 
 SMOOTH_ALPHAS = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8)
@@ -99,27 +100,17 @@ class LinearProblem:
         self.ref = self.x @ self.w.t()
         self._wq_cache: tuple | None = None  # (smooth, transform, quantized weight) of the last call
 
-    def _rot(self, t: torch.Tensor) -> torch.Tensor:
-        return self.rotation(t) if self.rotation is not None else t
-
+    @torch.no_grad()
     def error(self, smooth=None, act_clip=None, transform: KroneckerTransform | None = None) -> float:
-        x = self.x / smooth if smooth is not None else self.x
-        x = self._rot(x)
+        x = input_map(self.x, smooth, self.rotation, transform)
         cached = self._wq_cache
         if cached is not None and cached[0] is smooth and cached[1] is transform:
             w = cached[2]  # the activation clip search varies only the activation side
         else:
-            w = self.w * smooth if smooth is not None else self.w
-            w = self._rot(w)
-            if transform is not None:
-                with torch.no_grad():
-                    w = transform.weight_side(w)
+            w = weight_map(self.w, smooth, self.rotation, transform)
             if self.w_scheme is not None:
                 w = fake_quantize(w, self.w_scheme)
             self._wq_cache = (smooth, transform, w)
-        if transform is not None:
-            with torch.no_grad():
-                x = transform(x)
         if self.a_scheme is not None:
             x = fake_quantize(x, self.a_scheme if act_clip is None else self.a_scheme.replace(clip_ratio=act_clip))
         return _rel_err(x @ w.t(), self.ref)
@@ -177,11 +168,10 @@ def train_transform(problem: LinearProblem, smooth, mode: str, *, steps: int = 4
     Each step costs three ``rows × in × out`` matmuls, so training uses an evenly strided subset of at most
     ``max_rows`` of the sample (512: ~0.1 s per step for a 640 × 2048 layer on one CPU core)."""
     stride = max(1, problem.x.shape[0] // max_rows)
-    x, w = problem.x[::stride][:max_rows], problem.w
     ref = problem.ref[::stride][:max_rows]
-    if smooth is not None:
-        x, w = x / smooth, w * smooth
-    x, w = problem._rot(x).detach(), problem._rot(w).detach()
+    with torch.no_grad():  # the fixed part of the map; only the Kronecker factors are trained
+        x = input_map(problem.x[::stride][:max_rows], smooth, problem.rotation, None)
+        w = weight_map(problem.w, smooth, problem.rotation, None)
     norm = (ref ** 2).sum().clamp_min(1e-30)
     torch.manual_seed(seed)
     t = KroneckerTransform(x.shape[1], mode)
@@ -211,15 +201,6 @@ def train_transform(problem: LinearProblem, smooth, mode: str, *, steps: int = 4
 def transform_hessian(h: torch.Tensor, smooth, rotation, transform) -> torch.Tensor:
     """``Mᵀ·H·M`` for the input map ``T(x) = x·M`` without forming ``M``: ``T`` applied to the rows of the symmetric
     ``H`` gives ``H·M``; applied again to its transpose, ``Mᵀ·H·M`` (fast transforms, float64)."""
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        if smooth is not None:
-            t = t / smooth.to(t)
-        if rotation is not None:
-            t = rotation(t)
-        if transform is not None:
-            t = transform(t)
-        return t
-
     h = h.to(torch.float64)
-    out = rows(rows(h).t().contiguous())
+    out = input_map(input_map(h, smooth, rotation, transform).t().contiguous(), smooth, rotation, transform)
     return 0.5 * (out + out.t())  # exact symmetry for the Cholesky factorization

@@ -207,14 +207,22 @@ class CompareResult:
         return "\n".join(out)
 
 
-def save_plot(result: CompareResult, path) -> object | None:
-    """Perplexity ratio to the unquantized model per recipe, as horizontal bars on a log axis (needs matplotlib)."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None without matplotlib (the plots are optional)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_plot(result: CompareResult, path) -> object | None:
+    """Perplexity ratio to the unquantized model per recipe, as horizontal bars on a log axis (needs matplotlib)."""
+    plt = _pyplot()
+    if plt is None:
         return None
     rows = result.rows[1:]
     width = 8 + 0.07 * max([0] + [len(r.label) for r in rows])  # room for long option labels
@@ -239,19 +247,15 @@ def save_plot(result: CompareResult, path) -> object | None:
 
 def save_tradeoff_plot(result: CompareResult, path) -> object | None:
     """Perplexity ratio against calibration + quantization time, one labelled point per recipe (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     rows = [r for r in result.rows[1:] if r.ppl_ratio == r.ppl_ratio]
     fig, ax = plt.subplots(figsize=(9, 6))
     for r in rows:
-        ax.scatter(max(r.quantize_s, 0.1), r.ppl_ratio, s=18, color="#3a7" if "+" in r.label else "#457")
-        ax.annotate(r.label, (max(r.quantize_s, 0.1), r.ppl_ratio), fontsize=6, xytext=(3, 2),
-                    textcoords="offset points")
+        point = (max(r.quantize_s, 0.1), r.ppl_ratio)  # a log axis: RTN rows take ~0 s
+        ax.scatter(*point, s=18, color="#3a7" if "+" in r.label else "#457")
+        ax.annotate(r.label, point, fontsize=6, xytext=(3, 2), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(f"calibration + quantization time, s ({result.device})")
@@ -351,6 +355,16 @@ def run_comparison(
             result.last_model = m
         del m
     return result
+
+
+# `--cosine` on an encoder: what the rotation and the calibrated options buy at W4A4.
+ENCODER_RECIPES = (
+    "w4a4:none:rtn",
+    "w4a4:hadamard:rtn",
+    "w4a4:random:rtn",
+    "w4a4:random:gptq",
+    "w4a4:random:gptq:smooth=search,aclip=search,wclip",
+)
 
 
 def run_embedding_comparison(

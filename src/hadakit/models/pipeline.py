@@ -22,7 +22,7 @@ from hadakit.models.calibrate import (InputStats, LinearFit, LinearProblem, sear
                                       search_smoothing, train_transform, transform_hessian)
 from hadakit.models.gptq import gptq_quantize
 from hadakit.models.kv_cache import calibrate_kv_centers, install_kv_quantization
-from hadakit.models.qlinear import RotatedQuantLinear
+from hadakit.models.qlinear import RotatedQuantLinear, weight_map
 from hadakit.models.quantizers import SchemeGroupQuantizer
 from hadakit.models.recipes import QuantRecipe
 from hadakit.transforms import HadamardRotation, transform_plan
@@ -132,10 +132,7 @@ def _replace(model, name, mod, recipe, report, hessian=None, rotation=None, fit:
     if rotation is None:
         rotation = make_rotation(recipe, name, w.shape[1], report)
     fit = fit or LinearFit()
-    w_t = w * fit.smooth.to(w.dtype) if fit.smooth is not None else w
-    w_t = rotation(w_t) if rotation is not None else w_t
-    if fit.transform is not None:
-        w_t = fit.transform.weight_side(w_t)
+    w_t = weight_map(w, fit.smooth, rotation, fit.transform)
     if hessian is not None and (fit.smooth is not None or rotation is not None or fit.transform is not None):
         hessian = transform_hessian(hessian, fit.smooth, rotation, fit.transform)  # of the inputs T(x) = x·M
     packed, w_q = (None, w_t.clone()) if recipe.weight is None else _quantize_weight(w_t, recipe, hessian)
@@ -214,9 +211,9 @@ def _fit_linear(recipe: QuantRecipe, mod: nn.Module, rotation, stats: InputStats
             problem, stats, fixed=None if recipe.smooth == "search" else float(recipe.smooth))
     if recipe.learned:
         with torch.enable_grad():
-            fit.transform, err = train_transform(problem, fit.smooth, recipe.learned, steps=recipe.learn_steps,
-                                                 seed=seed)
-        err = problem.error(smooth=fit.smooth, transform=fit.transform)
+            fit.transform, _ = train_transform(problem, fit.smooth, recipe.learned, steps=recipe.learn_steps,
+                                               seed=seed)
+        err = problem.error(smooth=fit.smooth, transform=fit.transform)  # on the whole sample, not the training rows
     if recipe.act_clip == "search" and a_scheme is not None:
         fit.act_clip, err = search_act_clip(problem, fit.smooth, fit.transform)
     fit.error_after = err

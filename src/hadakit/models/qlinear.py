@@ -26,6 +26,30 @@ from hadakit.transforms import HadamardRotation
 from hadakit.transforms.kronecker import KroneckerTransform
 
 
+def input_map(x: torch.Tensor, smooth: torch.Tensor | None, rotation, transform: KroneckerTransform | None
+              ) -> torch.Tensor:
+    """``T(x) = ((x/s)·Rᵀ)·P``: smoothing, rotation and learned transform, each optional."""
+    if smooth is not None:
+        x = x / smooth.to(x.dtype)
+    if rotation is not None:
+        x = rotation(x)
+    if transform is not None:
+        x = transform(x)
+    return x
+
+
+def weight_map(w: torch.Tensor, smooth: torch.Tensor | None, rotation, transform: KroneckerTransform | None
+               ) -> torch.Tensor:
+    """``W·T⁻ᵀ = ((W·diag(s))·Rᵀ)·P⁻ᵀ`` for a weight ``[out, in]``, so that ``T(x)·(W·T⁻ᵀ)ᵀ = x·Wᵀ``."""
+    if smooth is not None:
+        w = w * smooth.to(w.dtype)
+    if rotation is not None:
+        w = rotation(w)
+    if transform is not None:
+        w = transform.weight_side(w)
+    return w
+
+
 class RotatedQuantLinear(nn.Module):
     def __init__(
         self,
@@ -54,13 +78,7 @@ class RotatedQuantLinear(nn.Module):
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """``T(x)``: smoothing, rotation and learned transform, before the activation quantizer."""
-        if self.smooth is not None:
-            x = x / self.smooth.to(x.dtype)
-        if self.rotation is not None:
-            x = self.rotation(x)
-        if self.transform is not None:
-            x = self.transform(x)
-        return x
+        return input_map(x, self.smooth, self.rotation, self.transform)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transform_input(x)
