@@ -145,6 +145,69 @@ def test_gptq_act_order_and_formats_pack_exactly():
             assert err < err_rtn, (name, act_order)
 
 
+@pytest.mark.parametrize("name", ["int4_g128", "int4_g128_asym", "int8", "int4"])
+def test_int_column_fast_path_matches_generic_quantizer(name):
+    # The direct INT route GPTQ takes per column must give the generic formats path's codes and values bit for bit,
+    # dead (all-zero) groups and ties included.
+    torch.manual_seed(1)
+    w = torch.randn(48, 256) * 3
+    w[:7, :128] = 0.0  # all-zero groups: zero scale, never divided by
+    w[7:, 5] = 0.5 * torch.round(w[7:, 5] * 2)  # values on half-steps of a coarse grid exercise ties to even
+    scheme = get_scheme(name)
+    fast = SchemeGroupQuantizer(scheme, w)
+    slow = SchemeGroupQuantizer(scheme, w)
+    slow._int_fast = False
+    assert fast._int_fast
+    g = fast.group_size
+    for c in range(w.shape[1]):
+        params = fast.fit(w[:, c - c % g:c - c % g + g])
+        assert torch.equal(fast.quantize_column(w[:, c], params, c), slow.quantize_column(w[:, c], params, c)), c
+    assert torch.equal(fast.codes, slow.codes)
+    assert torch.equal(fast.packed().dequantize(torch.float32), slow.packed().dequantize(torch.float32))
+
+
+def test_hessian_accumulation_matches_float64():
+    # float32 Gram matrices per batch, summed in float64: the running mean equals the float64 Hessian
+    torch.manual_seed(2)
+    xs = [torch.randn(100, 32) * torch.linspace(0.1, 5, 32) for _ in range(7)]
+    acc = HessianAccumulator(32)
+    acc.flush_rows = 250  # several flushes, and rows still pending when .h is read
+    for x in xs:
+        acc.add(x)
+    x = torch.cat(xs).double()
+    torch.testing.assert_close(acc.h, 2 * x.T @ x / x.shape[0], rtol=1e-6, atol=1e-6)
+
+
+def test_upper_cholesky_of_inverse_matches_the_three_step_form():
+    from hadakit.models.gptq import upper_cholesky_of_inverse
+
+    torch.manual_seed(4)
+    x = torch.randn(300, 96, dtype=torch.float64) * torch.linspace(0.1, 4, 96, dtype=torch.float64)
+    h = x.T @ x + 0.01 * torch.eye(96, dtype=torch.float64)
+    u = upper_cholesky_of_inverse(h)
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    assert torch.equal(u, torch.triu(u)) and bool((torch.diagonal(u) > 0).all())
+    torch.testing.assert_close(u, ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(u.T @ u @ h, torch.eye(96, dtype=torch.float64), rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="not positive definite"):
+        upper_cholesky_of_inverse(-h)
+
+
+def test_linears_sharing_an_input_share_their_statistics(gemma):
+    # q/k/v read the same normed hidden state, gate/up the same MLP input: one leader records for each group
+    from hadakit.models.pipeline import _input_groups, capture_layer_inputs, find_linears
+
+    model, tok, ids = gemma
+    layers = find_decoder_layers(model)
+    linears, _ = find_linears(model, get_recipe("w4a16_g128"))
+    names = {n: m for n, m in linears.items() if n.startswith("model.layers.0.")}
+    inputs, kwargs = capture_layer_inputs(model, layers, ids)
+    leader = _input_groups(layers[0], names, inputs[0], kwargs[0])
+    short = {n.split(".")[-1]: leader[n].split(".")[-1] for n in names}
+    assert short == {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
+                     "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}, short
+
+
 # --- KV cache, save / load ------------------------------------------------------------------------------------------
 
 @pytest.mark.model

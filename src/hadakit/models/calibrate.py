@@ -35,8 +35,8 @@ class InputStats:
     """What the calibration pass records about one linear's inputs: the raw Hessian ``2/N·Σxᵀx`` (float64, for
     GPTQ), per-channel max and mean of ``|x|``, and an evenly strided sample of at most ``max_rows`` token rows."""
 
-    def __init__(self, n: int, *, hessian: bool, max_rows: int, rows_per_window: int, device):
-        self.n = n
+    def __init__(self, n: int, *, hessian: bool, max_rows: int, rows_per_window: int, device, ranges: bool = True):
+        self.n, self.ranges = n, ranges  # ranges=False: the Hessian only (no sample, max or mean)
         self._hessian = HessianAccumulator(n, device=device) if hessian else None
         self.count = 0
         self.amax = torch.zeros(n, device=device)
@@ -47,6 +47,11 @@ class InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not self.ranges:
+            if self._hessian is not None:
+                self._hessian.add(x)
+            self.count += x.shape[0]
+            return
         ax = x.abs()
         self.amax = torch.maximum(self.amax, ax.amax(0))
         self.asum += ax.sum(0, dtype=torch.float64)

@@ -42,6 +42,9 @@ class QuantizationReport:
     weight_bits: float = 0.0  # bits per quantized weight element, scales included
     peak_memory_mb: float = 0.0
     fits: dict[str, dict] = field(default_factory=dict)  # layer -> calibrated options and errors (see calibrate)
+    # fusevo: o_proj -> the rotation left online (None: none), and the fusion's probe check or why it was refused
+    online: dict[str, Any] = field(default_factory=dict)
+    fusion: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"{self.recipe.label()}: {len(self.quantized)} linears quantized, {len(self.skipped)} kept in full "
@@ -49,6 +52,10 @@ class QuantizationReport:
         if self.fallbacks:
             lines.append(f"  no Hadamard for {len(self.fallbacks)} layer size(s); orthogonal fallback used: "
                          + "; ".join(f"{k}: {v}" for k, v in list(self.fallbacks.items())[:4]))
+        if self.fusion:
+            f = self.fusion
+            lines.append(f"  value rotations fused into {f['pairs']} v_proj/o_proj pairs (probe error {f['probe_error']:.1e})"
+                         if not f.get("refused") else f"  value rotations not fused: {f['refused']}")
         if self.kv_modules:
             lines.append(f"  KV cache quantized in {self.kv_modules} attention modules")
         return "\n".join(lines)
@@ -99,6 +106,9 @@ def _layer_seed(base: int, name: str) -> int:
 
 def make_rotation(recipe: QuantRecipe, name: str, n: int, report: QuantizationReport | None = None
                   ) -> HadamardRotation | None:
+    """The online rotation of linear ``name`` (input size ``n``); after ``fusevo``, what is left of it online."""
+    if report is not None and name in report.online:
+        return report.online[name]
     rot = recipe.rotation
     if rot.kind == "none":
         return None
@@ -126,10 +136,13 @@ def _quantize_weight(w_rot: torch.Tensor, recipe: QuantRecipe, hessian: torch.Te
     return packed, packed.dequantize(w_rot.dtype)
 
 
-def _replace(model, name, mod, recipe, report, hessian=None, rotation=None, fit: LinearFit | None = None) -> None:
+_AUTO = object()  # "the recipe's rotation for this layer" (None means no rotation)
+
+
+def _replace(model, name, mod, recipe, report, hessian=None, rotation=_AUTO, fit: LinearFit | None = None) -> None:
     """Swap ``mod`` for a ``RotatedQuantLinear``; ``hessian`` is the raw input Hessian (transformed here)."""
     w = linear_weight(mod).detach()
-    if rotation is None:
+    if rotation is _AUTO:
         rotation = make_rotation(recipe, name, w.shape[1], report)
     fit = fit or LinearFit()
     w_t = weight_map(w, fit.smooth, rotation, fit.transform)
@@ -199,9 +212,15 @@ def _call_layer(layer, hidden, kwargs):
     return _first_tensor(layer(hidden, **kw))
 
 
-def _fit_linear(recipe: QuantRecipe, mod: nn.Module, rotation, stats: InputStats, seed: int) -> LinearFit:
-    """Calibrated options of one linear from its input statistics (see ``models/calibrate``)."""
-    w = linear_weight(mod).detach().float()
+def _has_options(recipe: QuantRecipe) -> bool:
+    return recipe.smooth is not None or bool(recipe.learned) or recipe.act_clip == "search"
+
+
+def _fit_linear(recipe: QuantRecipe, w: torch.Tensor, rotation, stats: InputStats, seed: int) -> LinearFit:
+    """Calibrated options of one linear (weight ``w``) from its input statistics (see ``models/calibrate``)."""
+    if not _has_options(recipe):
+        return LinearFit()  # plain GPTQ: nothing to fit, and no error proxy to pay for
+    w = w.detach().float()
     a_scheme: QuantScheme | None = recipe.act_scheme()
     problem = LinearProblem(stats.sample(), w, rotation, recipe.weight_scheme(), a_scheme)
     fit = LinearFit(error_before=problem.error())
@@ -220,6 +239,27 @@ def _fit_linear(recipe: QuantRecipe, mod: nn.Module, rotation, stats: InputStats
     return fit
 
 
+def _input_groups(layer: nn.Module, names: dict[str, nn.Module], x: torch.Tensor, kwargs) -> dict[str, str]:
+    """``{linear: leader}``: linears that receive the very same input tensor (q/k/v, gate/up) share one leader, so
+    their statistics — Hessian, samples, ranges, all of the *raw* input — are recorded once. Found by running the
+    layer once and comparing the input objects, so nothing is assumed about the architecture."""
+    seen: dict[int, str] = {}
+    keep: list[torch.Tensor] = []  # holds the inputs so their ids are not reused during the forward
+    leader: dict[str, str] = {}
+
+    def hook(mod, args, n):
+        keep.append(args[0])
+        leader[n] = seen.setdefault(id(args[0]), n)
+
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in names.items()]
+    try:
+        _call_layer(layer, x, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: leader.get(n, n) for n in names}
+
+
 @torch.no_grad()
 def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Callable[[str], None] | None):
     """One decoder layer at a time: record each linear's inputs, fit its options, quantize (GPTQ on the transformed
@@ -228,27 +268,35 @@ def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Call
     inputs, kwargs = capture_layer_inputs(model, layers, windows)
     gptq = recipe.method == "gptq" and recipe.weight is not None
     per_window = max(1, recipe.calib_rows // max(1, len(inputs)))
+    options = _has_options(recipe)  # without calibrated options only the Hessian is needed
     done = set()
     for i, layer in enumerate(layers):
         names = {n: m for n, m in linears.items() if any(m is mm for mm in layer.modules())}
         rotations = {n: make_rotation(recipe, n, linear_weight(m).shape[1], report) for n, m in names.items()}
+        leader = _input_groups(layer, names, inputs[0], kwargs[i])
         stats = {n: InputStats(linear_weight(m).shape[1], hessian=gptq, max_rows=recipe.calib_rows,
-                               rows_per_window=per_window, device=inputs[0].device) for n, m in names.items()}
-        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: stats[n].add(args[0])) for n, m in names.items()]
-        for x in inputs:
-            _call_layer(layer, x, kwargs[i])
-        for h in hooks:
-            h.remove()
+                               rows_per_window=per_window, device=inputs[0].device, ranges=options)
+                 for n, m in names.items() if leader[n] == n}
+        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: stats[n].add(args[0]))
+                 for n, m in names.items() if leader[n] == n]
+        try:
+            for x in inputs:
+                _call_layer(layer, x, kwargs[i])
+        finally:
+            for h in hooks:
+                h.remove()
         for n, m in names.items():
-            fit = _fit_linear(recipe, m, rotations[n], stats[n], seed=_layer_seed(recipe.rotation.seed, n))
+            st = stats[leader[n]]
+            fit = _fit_linear(recipe, linear_weight(m), rotations[n], st, seed=_layer_seed(recipe.rotation.seed, n))
             if fit.smooth is not None or fit.act_clip is not None or fit.transform is not None:
                 report.fits[n] = dict(alpha=fit.alpha, act_clip=fit.act_clip,
                                       transform=fit.transform.mode if fit.transform is not None else None,
                                       error_before=fit.error_before, error_after=fit.error_after)
-            _replace(model, n, m, recipe, report, hessian=stats[n].h, rotation=rotations[n], fit=fit)
-            stats[n] = None  # free the Hessian and samples before the next layer
+            _replace(model, n, m, recipe, report, hessian=st.h, rotation=rotations[n], fit=fit)
             done.add(n)
-        inputs = [_call_layer(layer, x, kwargs[i]) for x in inputs]
+        stats.clear()  # free the Hessians and samples before the next layer
+        if i + 1 < len(layers):  # the quantized layer's outputs feed the next one
+            inputs = [_call_layer(layer, x, kwargs[i]) for x in inputs]
         if progress:
             progress(f"{'GPTQ' if gptq else 'calibration'} layer {i + 1}/{len(layers)}")
     return done
@@ -261,6 +309,13 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, *, calib: torch.Tensor
     report = QuantizationReport(recipe)
     model.eval()
     if recipe.quantizes_linears:
+        if recipe.fuse_values:
+            from hadakit.models.fusion import fuse_value_rotations
+
+            fused = fuse_value_rotations(model, signs="fixed" if recipe.rotation.kind == "random" else "none",
+                                         seed=recipe.rotation.seed)
+            report.online = dict(fused.online)
+            report.fusion = dict(pairs=len(fused.pairs), probe_error=fused.probe_error, refused=fused.refused)
         linears, report.skipped = find_linears(model, recipe)
         if not linears:
             raise ValueError(f"{type(model).__name__}: no linear layer to quantize (all matched skip={recipe.skip})")
