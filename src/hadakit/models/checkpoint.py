@@ -25,6 +25,7 @@ from hadakit.formats import QuantizedTensor, get_scheme
 from hadakit.models.qlinear import RotatedQuantLinear
 from hadakit.models.recipes import QuantRecipe
 from hadakit.transforms.kronecker import KroneckerTransform
+from hadakit.transforms.rotations import HeadMixRotation
 
 FORMAT_VERSION = 1
 _WEIGHTS = "model.safetensors"
@@ -35,6 +36,9 @@ _RECIPE = "recipe.json"
 def _rotation_meta(rot) -> dict | None:
     if rot is None:
         return None
+    if isinstance(rot, HeadMixRotation):  # what fusevo left online of o_proj's rotation
+        return dict(kind="head_mix", heads=rot.heads, head_dim=rot.head_dim, signs=rot.sign_mode,
+                    seed=rot.mix.seed, fallback=rot.mix.fallback)
     return dict(n=rot.n, block_size=rot.block_size, signs=rot.sign_mode, seed=rot.seed, fallback=rot.fallback,
                 fallback_seed=rot.fallback_seed)
 
@@ -133,6 +137,12 @@ def _build_rotation(meta: dict | None, signs: torch.Tensor | None):
         return None
     from hadakit.transforms import HadamardRotation
 
+    if meta.get("kind") == "head_mix":
+        rot = HeadMixRotation(meta["heads"], meta["head_dim"], signs=meta["signs"], seed=meta["seed"],
+                              fallback=meta["fallback"])
+        if signs is not None:
+            rot.signs.copy_(signs)
+        return rot
     rot = HadamardRotation(meta["n"], block_size=meta["block_size"], signs=meta["signs"], seed=meta["seed"],
                            fallback=meta["fallback"], fallback_seed=meta.get("fallback_seed", 0))
     if signs is not None:

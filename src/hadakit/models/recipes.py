@@ -31,6 +31,9 @@ option              meaning
 ``smooth=A``        per-channel smoothing before the rotation, migration strength ``A`` or ``search`` (per layer)
 ``aclip=R``         activation clip ratio ``R`` or ``search`` (one per layer, by output error)
 ``wclip``           MSE-optimal clip ratio per weight group (inside GPTQ's scale fit too)
+``fusevo``          the per-head part of ``o_proj``'s rotation is fused offline into ``v_proj`` (checked exact on a
+                    probe); only a Hadamard across heads stays online (``models/fusion``)
+``actorder``        GPTQ visits columns by decreasing Hessian diagonal (static groups: same packed layout)
 ``learn=M``         a learned Kronecker transform after the rotation: ``orthogonal`` (Cayley) or ``affine``
 ``steps=N``         optimization steps of ``learn`` per layer
 ``kvgroup=G``       KV quantized in groups of ``G`` along head_dim instead of one scale per head and token
@@ -108,6 +111,7 @@ class QuantRecipe:
     calib_rows: int = 1024
     kv_sink_tokens: int = 0
     kv_center: bool = False
+    fuse_values: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -123,6 +127,9 @@ class QuantRecipe:
         if (self.smooth is not None or self.act_clip == "search" or self.learned) and self.weight is None \
                 and self.act is None:
             raise ValueError("smooth / act_clip search / learned transforms need quantized weights or activations")
+        if self.fuse_values and self.rotation.kind not in ("hadamard", "random"):
+            raise ValueError(f"fusevo fuses part of a full rotation of o_proj's input into v_proj: it needs rotation "
+                             f"'hadamard' or 'random', not {self.rotation.label()!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
         from hadakit.formats import get_scheme  # validate scheme names early, with the formats layer's message
 
@@ -167,6 +174,10 @@ class QuantRecipe:
             out.append(f"aclip={self.act_clip}")
         if self.weight_clip:
             out.append("wclip")
+        if self.method == "gptq" and self.gptq.act_order:
+            out.append("actorder")
+        if self.fuse_values:
+            out.append("fusevo")
         if self.learned:
             out.append(f"learn={self.learned}")
         if self.kv is not None and isinstance(self.kv, dict) and self.kv.get("granularity") == "group":
@@ -302,6 +313,10 @@ def apply_options(recipe: QuantRecipe, options: str) -> QuantRecipe:
             changes["learned"] = value or "affine"
         elif key == "steps":
             changes["learn_steps"] = int(value)
+        elif key == "fusevo":
+            changes["fuse_values"] = True
+        elif key == "actorder":
+            changes["gptq"] = dataclasses.replace(changes.get("gptq", recipe.gptq), act_order=True)
         elif key == "sinks":
             changes["kv_sink_tokens"] = int(value)
         elif key == "kvcenter":
@@ -318,6 +333,6 @@ def apply_options(recipe: QuantRecipe, options: str) -> QuantRecipe:
                 kv.replace(clip_search=True)
             changes["kv"] = kv.to_dict()
         else:
-            raise ValueError(f"unknown recipe option {key!r}; known: smooth, aclip, wclip, learn, steps, sinks, "
-                             f"kvgroup, kvclip, kvcenter")
+            raise ValueError(f"unknown recipe option {key!r}; known: smooth, aclip, wclip, actorder, fusevo, "
+                             f"learn, steps, sinks, kvgroup, kvclip, kvcenter")
     return dataclasses.replace(recipe, **changes)

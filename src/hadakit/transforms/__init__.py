@@ -11,10 +11,11 @@ from hadakit.transforms.functional import (
 )
 from hadakit.transforms.matrices import base_order, construction, covered_orders, hadamard_matrix
 from hadakit.transforms.plan import TransformPlan, nearest_supported, supported
-from hadakit.transforms.rotations import HadamardRotation, StructuredRotation
+from hadakit.transforms.rotations import HadamardRotation, HeadMixRotation, StructuredRotation
 
 __all__ = [
     "HadamardRotation",
+    "HeadMixRotation",
     "StructuredRotation",
     "TransformPlan",
     "base_order",

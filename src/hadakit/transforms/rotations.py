@@ -120,3 +120,53 @@ class StructuredRotation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n={self.n}, block_size={self.block_size}, construction={self.plan.construction!r}"
+
+
+class HeadMixRotation(nn.Module):
+    """``H_heads ⊗ I_head_dim``: a Hadamard across the heads of a ``heads · head_dim`` vector, every channel of a head
+    mixed only with the same channel of the other heads.
+
+    It is the online half of a full rotation of the attention output whose per-head half ``I ⊗ R`` is fused into the
+    value projection offline (QuaRot's split of ``H_{heads·d} = H_heads ⊗ H_d``): the values come out of ``v_proj``
+    already rotated per head, and this cheap mix finishes the rotation at ``o_proj``'s input.
+
+    Example:
+        >>> import torch, hadakit
+        >>> from hadakit.transforms.rotations import HeadMixRotation
+        >>> mix = HeadMixRotation(4, 256, signs="fixed", seed=0)
+        >>> x = torch.randn(3, 1024)
+        >>> torch.allclose(mix.inverse(mix(x)), x, atol=1e-5)
+        True
+    """
+
+    def __init__(self, heads: int, head_dim: int, *, signs: str = "none", seed: int = 0, fallback: str | None = "dct"):
+        super().__init__()
+        self.heads, self.head_dim, self.n = heads, head_dim, heads * head_dim
+        self.block_size = None
+        self.mix = HadamardRotation(heads, signs=signs, seed=seed, fallback=fallback, dim=-2)
+
+    @property
+    def sign_mode(self) -> str:
+        return self.mix.sign_mode
+
+    @property
+    def signs(self) -> torch.Tensor | None:
+        return self.mix.signs
+
+    @property
+    def construction(self) -> str:
+        return f"{self.mix.construction} ⊗ I({self.head_dim}) [per-head part fused into v_proj]"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x.unflatten(-1, (self.heads, self.head_dim))).flatten(-2)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return self.mix.inverse(y.unflatten(-1, (self.heads, self.head_dim))).flatten(-2)
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense ``n × n`` orthogonal matrix ``R`` with ``forward(x) = x @ Rᵀ``."""
+        eye = torch.eye(self.n, dtype=dtype, device=self.mix.step.device)
+        return self.forward(eye).t()
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_dim={self.head_dim}, signs={self.sign_mode!r}"
