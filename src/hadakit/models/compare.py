@@ -55,6 +55,7 @@ FULL_RECIPES = (
     "w4a4:none:rtn",
     "w4a4:hadamard:rtn",
     "w4a4:random:rtn",
+    "w4a4:random:rtn:fusevo",
     "w4a4:random:gptq",
     "w4a4kv4:random:gptq",
     "nvfp4_w:none:rtn",
