@@ -47,17 +47,14 @@ class InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self._hessian is not None:
+            self._hessian.add(x)
+        self.count += x.shape[0]
         if not self.ranges:
-            if self._hessian is not None:
-                self._hessian.add(x)
-            self.count += x.shape[0]
             return
         ax = x.abs()
         self.amax = torch.maximum(self.amax, ax.amax(0))
         self.asum += ax.sum(0, dtype=torch.float64)
-        if self._hessian is not None:
-            self._hessian.add(x)
-        self.count += x.shape[0]
         if self._kept < self.max_rows:
             step = max(1, x.shape[0] // self.rows_per_window)
             rows = x[step // 2::step][: min(self.rows_per_window, self.max_rows - self._kept)]

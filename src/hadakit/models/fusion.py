@@ -15,12 +15,13 @@ path, anything that is not a convex combination — every fusion is undone and t
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from hadakit.models.kv_cache import _head_dim
+from hadakit.models.pipeline import _layer_seed
 from hadakit.transforms import HadamardRotation, HeadMixRotation
 
 FUSION_TOLERANCE = 1e-4  # relative L2 change of the model's output allowed by an exact fusion (fp32 rounding)
@@ -49,13 +50,6 @@ class FusionResult:
 
 def _linear(mod) -> nn.Linear | None:
     return mod if isinstance(mod, nn.Linear) else None
-
-
-def _head_dim(mod: nn.Module) -> int | None:
-    for attr in ("head_dim", "attention_head_size"):
-        if isinstance(getattr(mod, attr, None), int):
-            return getattr(mod, attr)
-    return None
 
 
 def find_value_output_pairs(model: nn.Module) -> list[ValueOutputPair]:
@@ -97,10 +91,6 @@ def default_probe(model: nn.Module, length: int = 24, seed: int = 0) -> torch.Te
     return torch.randint(0, min(vocab, 30_000), (1, length), generator=g).to(device)
 
 
-def _seed(base: int, name: str) -> int:
-    return base * 1_000_003 + zlib.crc32(name.encode())
-
-
 @torch.no_grad()
 def fuse_value_rotations(model: nn.Module, *, signs: str = "fixed", seed: int = 0, probe: torch.Tensor | None = None
                          ) -> FusionResult:
@@ -119,7 +109,7 @@ def fuse_value_rotations(model: nn.Module, *, signs: str = "fixed", seed: int = 
         v, o = model.get_submodule(p.v_name), model.get_submodule(p.o_name)
         saved[p.v_name] = (v.weight.detach().clone(), None if v.bias is None else v.bias.detach().clone())
         saved[p.o_name] = (o.weight.detach().clone(), None)
-        r = HadamardRotation(p.head_dim, signs=signs, seed=_seed(seed, p.v_name), fallback="dct").to(v.weight.device)
+        r = HadamardRotation(p.head_dim, signs=signs, seed=_layer_seed(seed, p.v_name), fallback="dct").to(v.weight.device)
         # v_proj: out rows grouped by KV head; each head's block becomes R·W_v (R applied along head_dim).
         wv = v.weight.detach().unflatten(0, (p.kv_heads, p.head_dim))       # [kv, d, in]
         v.weight.copy_(r(wv.transpose(1, 2)).transpose(1, 2).flatten(0, 1))
@@ -128,7 +118,7 @@ def fuse_value_rotations(model: nn.Module, *, signs: str = "fixed", seed: int = 
         # o_proj: W_o·(I ⊗ R)ᵀ, R applied to each head's slice of every row.
         o.weight.copy_(r(o.weight.detach().unflatten(1, (p.heads, p.head_dim))).flatten(1))
         result.online[p.o_name] = None if p.heads == 1 else \
-            HeadMixRotation(p.heads, p.head_dim, signs=signs, seed=_seed(seed, p.o_name)).to(o.weight.device)
+            HeadMixRotation(p.heads, p.head_dim, signs=signs, seed=_layer_seed(seed, p.o_name)).to(o.weight.device)
     out = _probe_output(model, probe)
     err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
     result.probe_error = err

@@ -212,13 +212,9 @@ def _call_layer(layer, hidden, kwargs):
     return _first_tensor(layer(hidden, **kw))
 
 
-def _has_options(recipe: QuantRecipe) -> bool:
-    return recipe.smooth is not None or bool(recipe.learned) or recipe.act_clip == "search"
-
-
 def _fit_linear(recipe: QuantRecipe, w: torch.Tensor, rotation, stats: InputStats, seed: int) -> LinearFit:
     """Calibrated options of one linear (weight ``w``) from its input statistics (see ``models/calibrate``)."""
-    if not _has_options(recipe):
+    if not recipe.fits_options:
         return LinearFit()  # plain GPTQ: nothing to fit, and no error proxy to pay for
     w = w.detach().float()
     a_scheme: QuantScheme | None = recipe.act_scheme()
@@ -268,14 +264,14 @@ def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Call
     inputs, kwargs = capture_layer_inputs(model, layers, windows)
     gptq = recipe.method == "gptq" and recipe.weight is not None
     per_window = max(1, recipe.calib_rows // max(1, len(inputs)))
-    options = _has_options(recipe)  # without calibrated options only the Hessian is needed
     done = set()
     for i, layer in enumerate(layers):
         names = {n: m for n, m in linears.items() if any(m is mm for mm in layer.modules())}
         rotations = {n: make_rotation(recipe, n, linear_weight(m).shape[1], report) for n, m in names.items()}
         leader = _input_groups(layer, names, inputs[0], kwargs[i])
         stats = {n: InputStats(linear_weight(m).shape[1], hessian=gptq, max_rows=recipe.calib_rows,
-                               rows_per_window=per_window, device=inputs[0].device, ranges=options)
+                               rows_per_window=per_window, device=inputs[0].device,
+                               ranges=recipe.fits_options)  # plain GPTQ: the Hessian only
                  for n, m in names.items() if leader[n] == n}
         hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: stats[n].add(args[0]))
                  for n, m in names.items() if leader[n] == n]

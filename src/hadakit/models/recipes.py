@@ -145,8 +145,12 @@ class QuantRecipe:
     @property
     def linears_need_calibration(self) -> bool:
         """Whether the linears are fitted on calibration data (GPTQ, smoothing, clip search, learned transforms)."""
-        return bool((self.method == "gptq" and self.weight is not None) or self.smooth is not None
-                    or self.act_clip == "search" or self.learned)
+        return (self.method == "gptq" and self.weight is not None) or self.fits_options
+
+    @property
+    def fits_options(self) -> bool:
+        """Whether a calibrated option is fitted per linear (smoothing, activation clip search, learned transform)."""
+        return self.smooth is not None or self.act_clip == "search" or bool(self.learned)
 
     def weight_scheme(self):
         """The weight scheme with ``weight_clip`` applied (None for full-precision weights)."""
