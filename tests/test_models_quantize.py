@@ -145,6 +145,63 @@ def test_gptq_act_order_and_formats_pack_exactly():
             assert err < err_rtn, (name, act_order)
 
 
+def test_gptq_scale_refit_lowers_the_hessian_error_and_packs_exactly():
+    torch.manual_seed(3)
+    w = torch.randn(64, 384)
+    x = torch.randn(2048, 384) * torch.linspace(0.2, 3.0, 384)
+    x[:, :4] *= 8  # a few strong input channels, as in real activations
+    acc = HessianAccumulator(384)
+    acc.add(x)
+    h = acc.h
+
+    def herr(q):  # the error GPTQ minimizes, on the damped Hessian it used
+        hd = h + 0.01 * torch.diagonal(h).mean() * torch.eye(384, dtype=h.dtype)
+        e = (w - q).double()
+        return float(((e @ hd) * e).sum())
+
+    for name in ("int4_g128", "int4", "nvfp4"):
+        errs = []
+        for refit in (0, 1, 2):
+            gq = SchemeGroupQuantizer(get_scheme(name), w)
+            q = gptq_quantize(w, h, gq, GPTQConfig(refit=refit))
+            assert torch.equal(gq.packed().dequantize(torch.float32), q), (name, refit)
+            errs.append(herr(q))
+        assert errs[1] < errs[0] and errs[2] < errs[1], (name, errs)
+
+
+def test_refit_scales_is_the_least_squares_solution_rounded_to_the_scale_format():
+    torch.manual_seed(5)
+    w = torch.randn(8, 256, dtype=torch.float64)
+    x = torch.randn(1024, 256, dtype=torch.float64) * torch.linspace(0.3, 2.0, 256, dtype=torch.float64)
+    h = x.T @ x / 1024
+    scheme = get_scheme("int4_g128")
+    gq = SchemeGroupQuantizer(scheme, w.float())
+    for g0 in (0, 128):  # plain RTN codes: one fit per group
+        params = gq.fit(w[:, g0:g0 + 128].float())
+        for c in range(g0, g0 + 128):
+            gq.quantize_column(w[:, c].float(), params, c)
+    new = gq.refit_scales(w, h)
+    v = scheme.element.decode(gq.codes, torch.float64, signed=True)
+    for r in range(8):
+        basis = torch.zeros(256, 2, dtype=torch.float64)
+        basis[:128, 0], basis[128:, 1] = v[r, :128], v[r, 128:]
+        # argmin_s (w - B s)ᵀ H (w - B s) by least squares on H's Cholesky factor
+        lc = torch.linalg.cholesky(h)
+        s_ls = torch.linalg.lstsq(lc.T @ basis, lc.T @ w[r]).solution
+        s_fp16 = s_ls.to(torch.float16).to(torch.float64)
+        got = torch.tensor([float(new[i].s_eff[r, 0]) for i in range(2)], dtype=torch.float64)
+        old = torch.tensor([float(gq._s_eff[i][r, 0]) for i in range(2)], dtype=torch.float64)
+
+        def err(s):
+            e = w[r] - basis @ s
+            return float(e @ h @ e)
+
+        assert torch.equal(got, s_fp16) or torch.equal(got, old), (r, got, s_fp16, old)
+        assert err(got) <= err(old)
+        if err(s_fp16) < err(old):
+            assert torch.equal(got, s_fp16)
+
+
 @pytest.mark.parametrize("name", ["int4_g128", "int4_g128_asym", "int8", "int4"])
 def test_int_column_fast_path_matches_generic_quantizer(name):
     # The direct INT route GPTQ takes per column must give the generic formats path's codes and values bit for bit,
@@ -208,6 +265,51 @@ def test_linears_sharing_an_input_share_their_statistics(gemma):
                      "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}, short
 
 
+@pytest.mark.model
+def test_true_sequential_calibration_sees_the_quantized_earlier_linears(minilm, monkeypatch):
+    # With seq, every linear's Hessian is taken from the layer with the linears before it already quantized: in
+    # layer 0 (whose inputs do not depend on quantization) it equals the Hessian of the final model's own inputs.
+    # Without it, linears after the first group see the full-precision layer, so their Hessians differ.
+    from hadakit.models import pipeline
+
+    model, tok, _ = minilm
+    calib = calibration_windows(tok, "lear", n_windows=2, window=32, add_bos=False)
+
+    def hessians(spec):
+        m = copy.deepcopy(model)
+        seen = {}
+        real = pipeline._replace
+
+        def spy(model_, name, mod, recipe, report, hessian=None, **kw):
+            if ".layer.0." in name:
+                seen[name] = hessian.clone()
+            return real(model_, name, mod, recipe, report, hessian=hessian, **kw)
+
+        monkeypatch.setattr(pipeline, "_replace", spy)
+        quantize_model(m, get_recipe(spec), calib=calib)
+        monkeypatch.setattr(pipeline, "_replace", real)
+        actual = {n: HessianAccumulator(seen[n].shape[0]) for n in seen}
+        hooks = [m.get_submodule(n).register_forward_pre_hook(lambda mod, args, n=n: actual[n].add(args[0]))
+                 for n in seen]
+        with torch.no_grad():
+            for row in calib:
+                m(row[None])
+        for hk in hooks:
+            hk.remove()
+        return {n: (seen[n], actual[n].h) for n in seen}
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    seq = hessians("w4a16_g128:hadamard:gptq:seq")
+    assert len(seq) == 6
+    for n, (recorded, actual) in seq.items():
+        assert rel(recorded, actual) < 1e-5, n
+    plain = hessians("w4a16_g128:hadamard:gptq")
+    late = [n for n in plain if not n.endswith(("query", "key", "value"))]
+    assert len(late) == 3 and all(rel(*plain[n]) > 1e-3 for n in late), {n: rel(*plain[n]) for n in late}
+
+
 # --- KV cache, save / load ------------------------------------------------------------------------------------------
 
 @pytest.mark.model
@@ -234,6 +336,38 @@ def test_save_load_reproduces_outputs_bit_for_bit(minilm, tmp_path):
         save_quantized_model(m, tok, recipe, ckpt)
     save_quantized_model(m, tok, recipe, ckpt, force=True)  # replaced atomically
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.tmp")]
+
+
+@pytest.mark.model
+def test_store_bf16_halves_the_unquantized_tensors_and_reloads_bit_for_bit(minilm, tmp_path):
+    from safetensors import safe_open
+
+    model, tok, enc = minilm
+    emb = model.embeddings.word_embeddings.weight
+    sizes, outs = {}, {}
+    for spec in ("w4a16_g128:hadamard:rtn", "w4a16_g128:hadamard:rtn:store=bf16"):
+        m = copy.deepcopy(model)
+        recipe = get_recipe(spec)
+        report = quantize_model(m, recipe)
+        outs[spec] = _hidden(m, enc)
+        ckpt = save_quantized_model(m, tok, recipe, tmp_path / spec.replace(":", "_"))
+        sizes[spec] = checkpoint_size_bytes(ckpt)
+        assert torch.equal(_hidden(hadakit.load(ckpt), enc), outs[spec]), spec
+        with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+            stored = f.get_tensor("embeddings.word_embeddings.weight")
+        if recipe.store_dtype:
+            assert report.stored_rounded >= emb.numel()
+            assert stored.dtype == torch.bfloat16
+            assert torch.equal(m.embeddings.word_embeddings.weight, emb.to(torch.bfloat16).float())
+        else:
+            assert stored.dtype == torch.float32 and torch.equal(stored, emb)
+    saved = sizes["w4a16_g128:hadamard:rtn"] - sizes["w4a16_g128:hadamard:rtn:store=bf16"]
+    assert saved > 0.95 * emb.numel() * 2, (sizes, emb.numel())
+    # the rounding moves the outputs only a little
+    a, b = outs.values()
+    assert float((a - b).norm() / a.norm()) < 1e-2
+    with pytest.raises(ValueError, match="store_dtype"):
+        get_recipe("w4a16_g128:hadamard:rtn:store=int8")
 
 
 @pytest.mark.model

@@ -3,7 +3,8 @@
 A checkpoint directory holds ``config.json`` and the tokenizer (transformers' own files), ``recipe.json`` (the
 ``QuantRecipe``), ``hadakit.json`` (format version, model class, and per quantized linear its rotation) and
 ``model.safetensors``: for each quantized linear the packed weight (payload, scales, zero points, tensor scale, as
-``QuantizedTensor.state_dict`` lays them out), its bias and rotation signs; every other tensor as it is in the model.
+``QuantizedTensor.state_dict`` lays them out), its bias and rotation signs; every other tensor as it is in the model
+(parameters that bfloat16 or float16 holds exactly, e.g. after ``store=bf16``, in that dtype).
 The size on disk is the real compressed size. Writing goes to a temporary sibling directory that is renamed into
 place at the end, so an interrupted save leaves nothing half-written, and an existing directory is only replaced
 with ``force=True``.
@@ -86,6 +87,7 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
                 tensors[f"{name}.transform.b"] = mod.transform.b.detach().cpu().contiguous()
     seen: dict[int, str] = {}
     tied: dict[str, str] = {}
+    params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
     for key, t in model.state_dict().items():
         owner = key.rsplit(".", 1)[0]
         if any(key.startswith(q + ".") for q in qnames) or owner in qnames:
@@ -95,8 +97,21 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
             tied[key] = seen[ptr]
             continue
         seen[ptr] = key
-        tensors[key] = t.detach().cpu().contiguous()
+        t = t.detach().cpu().contiguous()
+        tensors[key] = _compact(t) if key in params else t
     return tensors, linears, tied
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in bfloat16 or float16 when that holds it exactly (after ``store=bf16``/``fp16``, or a model loaded in
+    half precision), else as it is: loading copies it back into the model's own dtype unchanged."""
+    if t.dtype not in (torch.float32, torch.float64):
+        return t
+    for half in (torch.bfloat16, torch.float16):
+        h = t.to(half)
+        if torch.equal(h.to(t.dtype), t):
+            return h
+    return t
 
 
 def save_quantized_model(model: nn.Module, tokenizer: Any, recipe: QuantRecipe, out_dir: str | Path, *,

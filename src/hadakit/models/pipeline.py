@@ -45,6 +45,7 @@ class QuantizationReport:
     # fusevo: o_proj -> the rotation left online (None: none), and the fusion's probe check or why it was refused
     online: dict[str, Any] = field(default_factory=dict)
     fusion: dict[str, Any] = field(default_factory=dict)
+    stored_rounded: int = 0  # store=D: elements of unquantized parameters rounded to D
 
     def summary(self) -> str:
         lines = [f"{self.recipe.label()}: {len(self.quantized)} linears quantized, {len(self.skipped)} kept in full "
@@ -56,6 +57,8 @@ class QuantizationReport:
             f = self.fusion
             lines.append(f"  value rotations fused into {f['pairs']} v_proj/o_proj pairs (probe error {f['probe_error']:.1e})"
                          if not f.get("refused") else f"  value rotations not fused: {f['refused']}")
+        if self.stored_rounded:
+            lines.append(f"  {self.stored_rounded:,} unquantized parameters rounded to {self.recipe.store_dtype}")
         if self.kv_modules:
             lines.append(f"  KV cache quantized in {self.kv_modules} attention modules")
         return "\n".join(lines)
@@ -256,6 +259,36 @@ def _input_groups(layer: nn.Module, names: dict[str, nn.Module], x: torch.Tensor
     return {n: leader.get(n, n) for n in names}
 
 
+def _record_inputs(layer, names, leaders, inputs, kwargs, recipe, gptq: bool, per_window: int, stop: bool
+                   ) -> dict[str, InputStats]:
+    """Input statistics of the linears ``leaders`` over every calibration input of ``layer``; with ``stop`` the
+    layer's forward ends once they have all been seen."""
+    stats = {n: InputStats(linear_weight(names[n]).shape[1], hessian=gptq, max_rows=recipe.calib_rows,
+                           rows_per_window=per_window, device=inputs[0].device,
+                           ranges=recipe.fits_options)  # plain GPTQ: the Hessian only
+             for n in leaders}
+    seen: set[str] = set()
+
+    def record(n, x):
+        stats[n].add(x)
+        seen.add(n)
+        if stop and len(seen) == len(stats):
+            raise _StopForward
+
+    hooks = [names[n].register_forward_pre_hook(lambda mod, args, n=n: record(n, args[0])) for n in leaders]
+    try:
+        for x in inputs:
+            seen.clear()
+            try:
+                _call_layer(layer, x, kwargs)
+            except _StopForward:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
 @torch.no_grad()
 def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Callable[[str], None] | None):
     """One decoder layer at a time: record each linear's inputs, fit its options, quantize (GPTQ on the transformed
@@ -269,33 +302,48 @@ def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Call
         names = {n: m for n, m in linears.items() if any(m is mm for mm in layer.modules())}
         rotations = {n: make_rotation(recipe, n, linear_weight(m).shape[1], report) for n, m in names.items()}
         leader = _input_groups(layer, names, inputs[0], kwargs[i])
-        stats = {n: InputStats(linear_weight(m).shape[1], hessian=gptq, max_rows=recipe.calib_rows,
-                               rows_per_window=per_window, device=inputs[0].device,
-                               ranges=recipe.fits_options)  # plain GPTQ: the Hessian only
-                 for n, m in names.items() if leader[n] == n}
-        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: stats[n].add(args[0]))
-                 for n, m in names.items() if leader[n] == n]
-        try:
-            for x in inputs:
-                _call_layer(layer, x, kwargs[i])
-        finally:
-            for h in hooks:
-                h.remove()
-        for n, m in names.items():
-            st = stats[leader[n]]
-            fit = _fit_linear(recipe, linear_weight(m), rotations[n], st, seed=_layer_seed(recipe.rotation.seed, n))
-            if fit.smooth is not None or fit.act_clip is not None or fit.transform is not None:
-                report.fits[n] = dict(alpha=fit.alpha, act_clip=fit.act_clip,
-                                      transform=fit.transform.mode if fit.transform is not None else None,
-                                      error_before=fit.error_before, error_after=fit.error_after)
-            _replace(model, n, m, recipe, report, hessian=st.h, rotation=rotations[n], fit=fit)
-            done.add(n)
+        leaders = list(dict.fromkeys(leader.values()))  # in execution order
+        # One pass records every linear's inputs; true-sequential runs one pass per input group, after the groups
+        # before it are quantized, and stops the layer as soon as the group's input is seen.
+        for stage in ([[ld] for ld in leaders] if recipe.sequential else [leaders]):
+            stats = _record_inputs(layer, names, stage, inputs, kwargs[i], recipe, gptq, per_window,
+                                   stop=recipe.sequential)
+            for n, m in names.items():
+                if leader[n] not in stage:
+                    continue
+                st = stats[leader[n]]
+                fit = _fit_linear(recipe, linear_weight(m), rotations[n], st,
+                                  seed=_layer_seed(recipe.rotation.seed, n))
+                if fit.smooth is not None or fit.act_clip is not None or fit.transform is not None:
+                    report.fits[n] = dict(alpha=fit.alpha, act_clip=fit.act_clip,
+                                          transform=fit.transform.mode if fit.transform is not None else None,
+                                          error_before=fit.error_before, error_after=fit.error_after)
+                _replace(model, n, m, recipe, report, hessian=st.h, rotation=rotations[n], fit=fit)
+                done.add(n)
         stats.clear()  # free the Hessians and samples before the next layer
         if i + 1 < len(layers):  # the quantized layer's outputs feed the next one
             inputs = [_call_layer(layer, x, kwargs[i]) for x in inputs]
         if progress:
             progress(f"{'GPTQ' if gptq else 'calibration'} layer {i + 1}/{len(layers)}")
     return done
+
+
+_STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@torch.no_grad()
+def round_unquantized_parameters(model: nn.Module, dtype: str) -> int:
+    """Round every floating parameter outside the quantized linears to ``dtype`` (``bf16``/``fp16``) in place,
+    keeping its storage dtype, so a checkpoint can hold it in ``dtype`` losslessly; returns how many elements."""
+    target = _STORE_DTYPES[dtype]
+    inside = {id(p) for m in model.modules() if isinstance(m, RotatedQuantLinear) for p in m.parameters()}
+    n = 0
+    for p in model.parameters():
+        if id(p) not in inside and p.is_floating_point() and p.element_size() > torch.empty((), dtype=target
+                                                                                           ).element_size():
+            p.copy_(p.to(target))
+            n += p.numel()
+    return n
 
 
 def quantize_model(model: nn.Module, recipe: QuantRecipe, *, calib: torch.Tensor | None = None,
@@ -328,6 +376,8 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, *, calib: torch.Tensor
         if qmods:
             bits = sum(m.packed.bits_per_element * m.weight.numel() for m in qmods)
             report.weight_bits = bits / sum(m.weight.numel() for m in qmods)
+    if recipe.store_dtype is not None:
+        report.stored_rounded = round_unquantized_parameters(model, recipe.store_dtype)
     if recipe.kv is not None:
         report.kv_modules = install_kv_quantization(model, recipe.kv, rotate=recipe.kv_rotation,
                                                     sink_tokens=recipe.kv_sink_tokens)

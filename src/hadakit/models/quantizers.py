@@ -34,6 +34,7 @@ class SchemeGroupQuantizer:
         n_groups = n // self.group_size
         self._scale_codes: list[torch.Tensor | None] = [None] * n_groups
         self._zero_points: list[torch.Tensor | None] = [None] * n_groups
+        self._s_eff: list[torch.Tensor | None] = [None] * n_groups
 
         # GPTQ quantizes thousands of columns one at a time; for integer grids with nearest rounding the generic
         # path's checks and dispatch cost more than the arithmetic, so those columns take a direct route that
@@ -72,16 +73,61 @@ class SchemeGroupQuantizer:
         if self._int_fast and col.dtype == torch.float32:
             codes, values = self._int_column(col, params)
             self.codes[:, column] = codes
-            grp = column // self.group_size
-            self._scale_codes[grp] = params.scale_codes
-            self._zero_points[grp] = params.zero_points
+            self._record(column, params)
             return values
         codes, values = quantize_with_scales(col[:, None], self.col_scheme, params)
         self.codes[:, column] = codes[:, 0]
+        self._record(column, params)
+        return values[:, 0]
+
+    def _record(self, column: int, params: GroupScales) -> None:
         grp = column // self.group_size
         self._scale_codes[grp] = params.scale_codes
         self._zero_points[grp] = params.zero_points
-        return values[:, 0]
+        self._s_eff[grp] = params.s_eff
+
+    def refit_scales(self, w: torch.Tensor, h: torch.Tensor) -> list[GroupScales] | None:
+        """Least-squares group scales for the recorded codes: per row, the scales ``s`` minimizing
+        ``(w − Σ_g s_g·v_g)·H·(w − Σ_g s_g·v_g)ᵀ`` (``v_g`` the row's element values in group ``g``), rounded to the
+        scale format. Rows where the rounded scales do not lower that error keep their old ones. ``None`` for an
+        asymmetric scheme (its zero points would need refitting too)."""
+        if not self.scheme.symmetric or any(s is None for s in self._s_eff):
+            return None
+        out, n = self.shape
+        g = self.group_size
+        n_groups = n // g
+        h = h.to(torch.float64)
+        w = w.to(torch.float64)
+        v = self.scheme.element.decode(self.codes, torch.float64, signed=True)  # element values, unscaled
+        s_old = torch.cat([s.reshape(-1, 1) for s in self._s_eff], dim=1).to(torch.float64)  # [out, G]
+        a = torch.empty(out, n_groups, n_groups, dtype=torch.float64, device=w.device)
+        for i in range(n_groups):
+            p = v[:, i * g:(i + 1) * g] @ h[i * g:(i + 1) * g]  # [out, n]
+            a[:, i] = (p * v).reshape(out, n_groups, g).sum(-1)
+        b = ((w @ h) * v).reshape(out, n_groups, g).sum(-1)
+        # Groups whose codes are all zero have no say: a unit diagonal keeps the system regular, their scale kept.
+        empty = torch.diagonal(a, dim1=1, dim2=2) <= 0
+        a = a + torch.diag_embed(empty.to(a.dtype))
+        b = torch.where(empty, s_old, b)
+        s_new = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1)
+        s_new = torch.where(empty | ~(s_new > 0), s_old, s_new)
+
+        sf = self.scheme.scale_format
+        st = self.tensor_scale.to(torch.float64) if self.tensor_scale is not None else None
+        _, codes = sf.cast((s_new / st if st is not None else s_new).to(torch.float32))
+        s_dec = sf.decode(codes, torch.float64)
+        s_dec = s_dec * st if st is not None else s_dec
+
+        def err(s):
+            e = w - v * s.repeat_interleave(g, dim=1)
+            return ((e @ h) * e).sum(-1)
+
+        better = err(s_dec) < err(s_old)
+        old_codes = torch.cat([c.reshape(-1, 1) for c in self._scale_codes], dim=1)
+        codes = torch.where(better[:, None], codes, old_codes)
+        s_eff = torch.where(better[:, None], s_dec, s_old).to(torch.float32)
+        ts = self.tensor_scale
+        return [GroupScales(codes[:, i:i + 1], s_eff[:, i:i + 1], None, ts) for i in range(n_groups)]
 
     def packed(self) -> QuantizedTensor:
         """The quantized weight in real storage (all groups must have been quantized)."""

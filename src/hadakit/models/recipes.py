@@ -31,9 +31,14 @@ option              meaning
 ``smooth=A``        per-channel smoothing before the rotation, migration strength ``A`` or ``search`` (per layer)
 ``aclip=R``         activation clip ratio ``R`` or ``search`` (one per layer, by output error)
 ``wclip``           MSE-optimal clip ratio per weight group (inside GPTQ's scale fit too)
+``store=D``         the tensors left unquantized (embeddings, LM head, norms) rounded to ``D`` (``bf16``/``fp16``) and
+                    stored in it: a smaller checkpoint, and the run measures exactly what it reloads
 ``fusevo``          the per-head part of ``o_proj``'s rotation is fused offline into ``v_proj`` (checked exact on a
                     probe); only a Hadamard across heads stays online (``models/fusion``)
 ``actorder``        GPTQ visits columns by decreasing Hessian diagonal (static groups: same packed layout)
+``refit=N``         N rounds of least-squares group scales for GPTQ's codes, then GPTQ again under those scales
+``seq``             true-sequential calibration: within a layer, each linear's inputs come from the layer with the
+                    linears before it already quantized (q/k/v, then o, then gate/up, then down)
 ``learn=M``         a learned Kronecker transform after the rotation: ``orthogonal`` (Cayley) or ``affine``
 ``steps=N``         optimization steps of ``learn`` per layer
 ``kvgroup=G``       KV quantized in groups of ``G`` along head_dim instead of one scale per head and token
@@ -55,6 +60,7 @@ from hadakit.models.gptq import GPTQConfig
 ROTATIONS = ("none", "hadamard", "random", "block")
 METHODS = ("rtn", "gptq")
 LEARNED = (None, "orthogonal", "affine")
+STORE_DTYPES = (None, "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,10 @@ class QuantRecipe:
     kv_sink_tokens: int = 0
     kv_center: bool = False
     fuse_values: bool = False
+    sequential: bool = False
+    # "bf16"/"fp16": the tensors left unquantized (embeddings, LM head, norms) are rounded to this dtype, so the
+    # checkpoint stores them at half the size and the simulated run is what the checkpoint reloads.
+    store_dtype: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -130,6 +140,8 @@ class QuantRecipe:
         if self.fuse_values and self.rotation.kind not in ("hadamard", "random"):
             raise ValueError(f"fusevo fuses part of a full rotation of o_proj's input into v_proj: it needs rotation "
                              f"'hadamard' or 'random', not {self.rotation.label()!r}")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ValueError(f"store_dtype must be one of {STORE_DTYPES}, got {self.store_dtype!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
         from hadakit.formats import get_scheme  # validate scheme names early, with the formats layer's message
 
@@ -180,8 +192,14 @@ class QuantRecipe:
             out.append("wclip")
         if self.method == "gptq" and self.gptq.act_order:
             out.append("actorder")
+        if self.method == "gptq" and self.gptq.refit:
+            out.append(f"refit={self.gptq.refit}")
+        if self.sequential:
+            out.append("seq")
         if self.fuse_values:
             out.append("fusevo")
+        if self.store_dtype:
+            out.append(f"store={self.store_dtype}")
         if self.learned:
             out.append(f"learn={self.learned}")
         if self.kv is not None and isinstance(self.kv, dict) and self.kv.get("granularity") == "group":
@@ -321,6 +339,12 @@ def apply_options(recipe: QuantRecipe, options: str) -> QuantRecipe:
             changes["fuse_values"] = True
         elif key == "actorder":
             changes["gptq"] = dataclasses.replace(changes.get("gptq", recipe.gptq), act_order=True)
+        elif key == "refit":
+            changes["gptq"] = dataclasses.replace(changes.get("gptq", recipe.gptq), refit=int(value or 1))
+        elif key == "seq":
+            changes["sequential"] = True
+        elif key == "store":
+            changes["store_dtype"] = value
         elif key == "sinks":
             changes["kv_sink_tokens"] = int(value)
         elif key == "kvcenter":
@@ -337,6 +361,6 @@ def apply_options(recipe: QuantRecipe, options: str) -> QuantRecipe:
                 kv.replace(clip_search=True)
             changes["kv"] = kv.to_dict()
         else:
-            raise ValueError(f"unknown recipe option {key!r}; known: smooth, aclip, wclip, actorder, fusevo, "
-                             f"learn, steps, sinks, kvgroup, kvclip, kvcenter")
+            raise ValueError(f"unknown recipe option {key!r}; known: smooth, aclip, wclip, actorder, refit, seq, "
+                             f"store, fusevo, learn, steps, sinks, kvgroup, kvclip, kvcenter")
     return dataclasses.replace(recipe, **changes)
