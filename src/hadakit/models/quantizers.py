@@ -90,8 +90,9 @@ class SchemeGroupQuantizer:
         """Least-squares group scales for the recorded codes: per row, the scales ``s`` minimizing
         ``(w − Σ_g s_g·v_g)·H·(w − Σ_g s_g·v_g)ᵀ`` (``v_g`` the row's element values in group ``g``), rounded to the
         scale format. Rows where the rounded scales do not lower that error keep their old ones. ``None`` for an
-        asymmetric scheme (its zero points would need refitting too)."""
-        if not self.scheme.symmetric or any(s is None for s in self._s_eff):
+        asymmetric scheme (its zero points would need refitting too) or a per-tensor one (one scale for all rows)."""
+        if not self.scheme.symmetric or self.scheme.granularity not in ("group", "per_row") \
+                or any(s is None for s in self._s_eff):
             return None
         out, n = self.shape
         g = self.group_size
