@@ -168,7 +168,8 @@ def test_gptq_scale_refit_lowers_the_hessian_error_and_packs_exactly():
             errs.append(herr(q))
         assert errs[1] < errs[0] and errs[2] < errs[1], (name, errs)
     # power-of-two scales, zero points, one scale per tensor: refit may not apply, the result still packs exactly
-    for scheme in (get_scheme("mxfp4"), get_scheme("int4_g128_asym"), get_scheme("int8").replace(granularity="per_tensor")):
+    per_tensor = get_scheme("int8").replace(granularity="per_tensor")
+    for scheme in (get_scheme("mxfp4"), get_scheme("int4_g128_asym"), per_tensor):
         gq = SchemeGroupQuantizer(scheme, w)
         q = gptq_quantize(w, h, gq, GPTQConfig(refit=2))
         assert torch.equal(gq.packed().dequantize(torch.float32), q), scheme
