@@ -139,7 +139,7 @@ def test_a_few_learning_steps_lower_a_real_layers_quantized_error(gemma_down_pro
     before = problem.error()
     t, loss = train_transform(problem, None, mode, steps=8, lr=5e-3)
     after = problem.error(transform=t)
-    # measured on a 2-core Intel Xeon: orthogonal 0.981×, affine 0.869× (the orthogonal one has fewer degrees of
+    # measured on a 2-core AMD EPYC: orthogonal 0.981×, affine 0.869× (the orthogonal one has fewer degrees of
     # freedom; the margin leaves room for other CPUs' float rounding)
     assert after < (0.99 if mode == "orthogonal" else 0.93) * before, (before, after)
     assert abs(after - loss) < 1e-3 * max(after, 1e-6) + 1e-6  # the reported loss is the kept iterate's

@@ -22,7 +22,8 @@ def device_name(device: torch.device | str) -> str:
                 break
     except OSError:
         pass
-    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"CPU {cpu} ({n} thread{'s' if n != 1 else ''})"
 
 
 def slug(name: str) -> str:
