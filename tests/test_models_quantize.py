@@ -188,11 +188,11 @@ def test_refit_scales_is_the_least_squares_solution_rounded_to_the_scale_format(
             gq.quantize_column(w[:, c].float(), params, c)
     new = gq.refit_scales(w, h)
     v = scheme.element.decode(gq.codes, torch.float64, signed=True)
+    lc = torch.linalg.cholesky(h)
     for r in range(8):
         basis = torch.zeros(256, 2, dtype=torch.float64)
         basis[:128, 0], basis[128:, 1] = v[r, :128], v[r, 128:]
         # argmin_s (w - B s)ᵀ H (w - B s) by least squares on H's Cholesky factor
-        lc = torch.linalg.cholesky(h)
         s_ls = torch.linalg.lstsq(lc.T @ basis, lc.T @ w[r]).solution
         s_fp16 = s_ls.to(torch.float16).to(torch.float64)
         got = torch.tensor([float(new[i].s_eff[r, 0]) for i in range(2)], dtype=torch.float64)

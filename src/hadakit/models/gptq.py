@@ -146,15 +146,16 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, quantizer: GroupQuantizer, cfg: GPTQ
     hinv = upper_cholesky_of_inverse(hp).float()
     wp = w[:, perm].float()
 
-    q = _columns(wp, hinv, quantizer, perm.tolist(), g, cfg.block_size, static)[:, inv]
+    order = perm.tolist()
+    q = _columns(wp, hinv, quantizer, order, g, cfg.block_size, static)[:, inv]
     refit = getattr(quantizer, "refit_scales", None)
     for _ in range(cfg.refit if refit is not None else 0):
-        # Least-squares group scales for the codes just chosen, then the codes again under those scales: each
-        # round can only lower the (damped) Hessian-weighted error, since both steps minimize it.
+        # Least-squares group scales for the codes just chosen (never raising the damped Hessian-weighted error),
+        # then GPTQ's greedy codes again under those scales.
         scales = refit(w, h)
         if scales is None:
             break
-        q = _columns(wp, hinv, quantizer, perm.tolist(), g, cfg.block_size, scales)[:, inv]
+        q = _columns(wp, hinv, quantizer, order, g, cfg.block_size, scales)[:, inv]
     return q
 
 
