@@ -316,6 +316,89 @@ def test_true_sequential_calibration_sees_the_quantized_earlier_linears(minilm, 
     assert len(late) == 3 and all(rel(*plain[n]) > 1e-3 for n in late), {n: rel(*plain[n]) for n in late}
 
 
+def test_corrected_weight_is_the_least_squares_map_to_the_full_precision_outputs():
+    # W* = argmin ‖W·r − W*·x̃‖² (+ a small pull toward W): checked against float64 lstsq, and W* = W when the
+    # quantized model's inputs equal the full-precision ones. The cross products accumulate over several batches.
+    from hadakit.models.gptq import corrected_weight
+
+    torch.manual_seed(0)
+    r = torch.randn(3000, 48) * torch.linspace(0.3, 2.0, 48)
+    x = r + 0.2 * torch.randn_like(r)  # the perturbed stream
+    w = torch.randn(24, 48)
+    acc = HessianAccumulator(48, cross=True)
+    for a, b in zip(x.split(700), r.split(700)):
+        acc.add(a, b)
+    best = torch.linalg.lstsq(x.double(), (r @ w.T).double()).solution.T
+    got = corrected_weight(w, acc.h, acc.c, damp=1e-9)
+    assert (got.double() - best).abs().max() < 1e-4 * best.abs().max()
+    assert (w.double() - best).abs().max() > 0.05 * best.abs().max()  # the correction is not negligible
+    same = HessianAccumulator(48, cross=True)
+    same.add(r, r)
+    assert torch.equal(corrected_weight(w, same.h, same.c), w)
+    with pytest.raises(ValueError, match="reference rows"):
+        same.add(r)
+    with pytest.raises(ValueError, match="do not pair"):
+        same.add(r, r[:10])
+
+
+@pytest.mark.model
+def test_fptarget_pairs_each_linear_with_the_full_precision_models_inputs(minilm, monkeypatch):
+    # fptarget records C = 2/N·Σ r·x̃ᵀ with r the full-precision model's inputs of the linear and x̃ the quantized
+    # model's: in layer 0 the two streams agree (C = H), in layer 1 r comes from the untouched model and x̃ from the
+    # final one (layer 0 quantized). And it fits the full-precision model better on its calibration windows than
+    # true-sequential GPTQ alone (which it implies).
+    from hadakit.models import pipeline
+
+    model, tok, _ = minilm
+    calib = calibration_windows(tok, "lear", n_windows=2, window=32, add_bos=False)
+    seen = {}
+    real = pipeline._replace
+
+    def spy(model_, name, mod, recipe, report, hessian=None, cross=None, **kw):
+        if name.endswith("attention.self.query") and ".layer.0." in name or ".layer.1." in name:
+            seen[name] = (hessian.clone(), cross.clone())
+        return real(model_, name, mod, recipe, report, hessian=hessian, cross=cross, **kw)
+
+    monkeypatch.setattr(pipeline, "_replace", spy)
+    m = copy.deepcopy(model)
+    quantize_model(m, get_recipe("w4a16_g128:hadamard:gptq:fptarget"), calib=calib)
+    monkeypatch.setattr(pipeline, "_replace", real)
+    h0, c0 = seen["encoder.layer.0.attention.self.query"]
+    assert torch.equal(h0, c0)
+    name1 = "encoder.layer.1.attention.self.query"
+
+    def inputs(mod_model):
+        xs = []
+        hk = mod_model.get_submodule(name1).register_forward_pre_hook(lambda mod, args: xs.append(args[0][0]))
+        with torch.no_grad():
+            for row in calib:
+                mod_model(row[None])
+        hk.remove()
+        return torch.cat(xs).double()
+
+    r, xq = inputs(model), inputs(m)
+    h1, c1 = seen[name1]
+    assert float((c1 - 2 * r.T @ xq / r.shape[0]).norm() / c1.norm()) < 1e-5
+    assert float((h1 - 2 * xq.T @ xq / r.shape[0]).norm() / h1.norm()) < 1e-5
+    assert float((c1 - h1).norm() / h1.norm()) > 1e-3  # layer 0's quantization reached layer 1
+
+    def output_error(spec):
+        q = copy.deepcopy(model)
+        quantize_model(q, get_recipe(spec), calib=calib)
+        with torch.no_grad():
+            return sum(float(((q(row[None]).last_hidden_state - model(row[None]).last_hidden_state) ** 2).sum())
+                       for row in calib)
+
+    plain, fpt = output_error("w4a16_g128:hadamard:gptq:seq"), output_error("w4a16_g128:hadamard:gptq:fptarget")
+    assert fpt < 0.8 * plain, (fpt, plain)
+    r = get_recipe("w4a16_g128:hadamard:gptq:fptarget=0.5")
+    assert (r.fp_target, r.sequential, r.label()) == (0.5, True, "w4a16_g128 hadamard gptq +seq,fptarget=0.5")
+    with pytest.raises(ValueError, match="sequential"):
+        QuantRecipe(weight="int4_g128", method="gptq", fp_target=0.25)
+    with pytest.raises(ValueError, match="strength"):
+        get_recipe("w4a16_g128:hadamard:gptq:fptarget=2")
+
+
 # --- KV cache, save / load ------------------------------------------------------------------------------------------
 
 @pytest.mark.model

@@ -35,9 +35,11 @@ class InputStats:
     """What the calibration pass records about one linear's inputs: the raw Hessian ``2/N·Σxᵀx`` (float64, for
     GPTQ), per-channel max and mean of ``|x|``, and an evenly strided sample of at most ``max_rows`` token rows."""
 
-    def __init__(self, n: int, *, hessian: bool, max_rows: int, rows_per_window: int, device, ranges: bool = True):
+    def __init__(self, n: int, *, hessian: bool, max_rows: int, rows_per_window: int, device, ranges: bool = True,
+                 cross: bool = False):
         self.n, self.ranges = n, ranges  # ranges=False: the Hessian only (no sample, max or mean)
-        self._hessian = HessianAccumulator(n, device=device) if hessian else None
+        # cross: also the products with the full-precision model's inputs (``fptarget``)
+        self._hessian = HessianAccumulator(n, device=device, cross=cross) if hessian else None
         self.count = 0
         self.amax = torch.zeros(n, device=device)
         self.asum = torch.zeros(n, dtype=torch.float64, device=device)
@@ -45,10 +47,10 @@ class InputStats:
         self.samples: list[torch.Tensor] = []
         self._kept = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, ref: torch.Tensor | None = None) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if self._hessian is not None:
-            self._hessian.add(x)
+            self._hessian.add(x, ref)
         self.count += x.shape[0]
         if not self.ranges:
             return
@@ -64,6 +66,10 @@ class InputStats:
     @property
     def h(self) -> torch.Tensor | None:
         return self._hessian.h if self._hessian is not None else None
+
+    @property
+    def cross(self) -> torch.Tensor | None:
+        return self._hessian.c if self._hessian is not None else None
 
     @property
     def amean(self) -> torch.Tensor:

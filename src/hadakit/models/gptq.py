@@ -45,23 +45,35 @@ class GPTQConfig:
 
 
 class HessianAccumulator:
-    """Running ``H = 2/N · Σ xᵀx`` over calibration activations of one linear layer.
+    """Running ``H = 2/N · Σ xᵀx`` over calibration activations of one linear layer; with ``cross=True`` also
+    ``C = 2/N · Σ rᵀx`` for paired reference rows ``r`` (the full-precision model's inputs at the same tokens, for
+    fitting to the full-precision outputs: see ``corrected_weight``).
 
     Each batch's Gram matrix is a float32 product (2.7× faster than float64 on a CPU, and what GPU pipelines use);
-    the running sum is kept in float64 so thousands of batches add without drift.
+    the running sums are kept in float64 so thousands of batches add without drift.
     """
 
     flush_rows = 4096  # rows gathered before one Gram product: fewer, larger products and float64 updates
 
-    def __init__(self, n: int, device: torch.device | str = "cpu"):
+    def __init__(self, n: int, device: torch.device | str = "cpu", cross: bool = False):
         self._h = torch.zeros(n, n, dtype=torch.float64, device=device)
+        self._c = torch.zeros(n, n, dtype=torch.float64, device=device) if cross else None
         self._pending: list[torch.Tensor] = []
+        self._pending_ref: list[torch.Tensor] = []
         self._pending_rows = 0
         self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, ref: torch.Tensor | None = None) -> None:
+        if (ref is None) != (self._c is None):
+            raise ValueError("HessianAccumulator.add: pass reference rows exactly when built with cross=True")
         # a copy: the caller's activations may be reused or changed in place before the next flush
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32, copy=True)
+        if ref is not None:
+            ref = ref.detach().reshape(-1, ref.shape[-1]).to(torch.float32, copy=True)
+            if ref.shape != x.shape:
+                raise ValueError(f"HessianAccumulator.add: reference rows {tuple(ref.shape)} do not pair with the "
+                                 f"inputs {tuple(x.shape)}")
+            self._pending_ref.append(ref)
         self._pending.append(x)
         self._pending_rows += x.shape[0]
         if self._pending_rows >= self.flush_rows:
@@ -71,15 +83,45 @@ class HessianAccumulator:
         if not self._pending:
             return
         x = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._pending, self._pending_rows = [], 0
         new = self.count + x.shape[0]
         self._h.mul_(self.count / new).add_(x.t() @ x, alpha=2.0 / new)
+        if self._c is not None:
+            r = torch.cat(self._pending_ref) if len(self._pending_ref) > 1 else self._pending_ref[0]
+            self._c.mul_(self.count / new).add_(r.t() @ x, alpha=2.0 / new)
+        self._pending, self._pending_ref, self._pending_rows = [], [], 0
         self.count = new
 
     @property
     def h(self) -> torch.Tensor:
         self._flush()
         return self._h
+
+    @property
+    def c(self) -> torch.Tensor | None:
+        self._flush()
+        return self._c
+
+
+def corrected_weight(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float = 0.01, strength: float = 1.0
+                     ) -> torch.Tensor:
+    """The weight that best maps the quantized model's inputs ``x̃`` to the full-precision outputs ``W·r``, held
+    near ``W``: ``argmin ‖W·r − W*·x̃‖² + λ‖W* − W‖² = W + W·(C − H)·(H + λI)⁻¹`` with ``H = Σx̃x̃ᵀ``, ``C = Σrx̃ᵀ``
+    (GPTAQ's "asymmetric calibration", in closed form).
+
+    For ``λ → 0``, ``‖W·r − Ŵ·x̃‖² = ‖(W* − Ŵ)·x̃‖² + const``: GPTQ on ``W*`` with ``H`` then minimizes the error
+    against the full-precision model rather than against the layer's own weights on already-perturbed inputs, so
+    the drift of the layers before is compensated too. ``λ`` is ``damp`` times the mean of ``H``'s diagonal (GPTQ's
+    relative damping); pulling toward ``W`` (not toward 0, as a plain ridge would) leaves directions the calibration
+    barely excites alone, and gives ``W* = W`` exactly when the two streams agree. ``strength`` scales the
+    correction: the ``n²`` entries of ``C − H`` are estimated from the calibration tokens, and on few tokens the full
+    correction fits their noise (GPTAQ scales it the same way; 0.5 is the recipes' default)."""
+    w64, h64 = w.detach().to(torch.float64), h.to(torch.float64)
+    n = h64.shape[0]
+    lam = damp * torch.diagonal(h64).mean()
+    a = h64 + lam * torch.eye(n, dtype=h64.dtype, device=h64.device)
+    rhs = w64 @ (c.to(torch.float64) - h64)  # [out, in]
+    delta = torch.linalg.solve(a, rhs.t()).t()  # A symmetric: (A⁻¹·rhsᵀ)ᵀ = rhs·A⁻¹
+    return (w64 + strength * delta).to(w.dtype)
 
 
 def upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:

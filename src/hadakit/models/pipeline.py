@@ -20,7 +20,7 @@ from torch import nn
 from hadakit.formats import QuantScheme, quantize
 from hadakit.models.calibrate import (InputStats, LinearFit, LinearProblem, search_act_clip,
                                       search_smoothing, train_transform, transform_hessian)
-from hadakit.models.gptq import gptq_quantize
+from hadakit.models.gptq import corrected_weight, gptq_quantize
 from hadakit.models.kv_cache import calibrate_kv_centers, install_kv_quantization
 from hadakit.models.qlinear import RotatedQuantLinear, weight_map
 from hadakit.models.quantizers import SchemeGroupQuantizer
@@ -142,9 +142,13 @@ def _quantize_weight(w_rot: torch.Tensor, recipe: QuantRecipe, hessian: torch.Te
 _AUTO = object()  # "the recipe's rotation for this layer" (None means no rotation)
 
 
-def _replace(model, name, mod, recipe, report, hessian=None, rotation=_AUTO, fit: LinearFit | None = None) -> None:
-    """Swap ``mod`` for a ``RotatedQuantLinear``; ``hessian`` is the raw input Hessian (transformed here)."""
+def _replace(model, name, mod, recipe, report, hessian=None, rotation=_AUTO, fit: LinearFit | None = None,
+             cross: torch.Tensor | None = None) -> None:
+    """Swap ``mod`` for a ``RotatedQuantLinear``; ``hessian`` is the raw input Hessian (transformed here), ``cross``
+    its products with the full-precision model's inputs (``fptarget``: GPTQ then fits the full-precision outputs)."""
     w = linear_weight(mod).detach()
+    if cross is not None and hessian is not None:
+        w = corrected_weight(w, hessian, cross, damp=recipe.gptq.damp, strength=recipe.fp_target)
     if rotation is _AUTO:
         rotation = make_rotation(recipe, name, w.shape[1], report)
     fit = fit or LinearFit()
@@ -259,25 +263,28 @@ def _input_groups(layer: nn.Module, names: dict[str, nn.Module], x: torch.Tensor
     return {n: leader.get(n, n) for n in names}
 
 
-def _record_inputs(layer, names, leaders, inputs, kwargs, recipe, gptq: bool, per_window: int, stop: bool
-                   ) -> dict[str, InputStats]:
+def _record_inputs(layer, names, leaders, inputs, kwargs, recipe, gptq: bool, per_window: int, stop: bool,
+                   refs: dict[str, list[torch.Tensor]] | None = None) -> dict[str, InputStats]:
     """Input statistics of the linears ``leaders`` over every calibration input of ``layer``; with ``stop`` the
-    layer's forward ends once they have all been seen."""
+    layer's forward ends once they have all been seen. ``refs[n][j]``: the full-precision model's input of ``n`` in
+    window ``j``, paired with the recorded one (``fptarget``)."""
     stats = {n: InputStats(linear_weight(names[n]).shape[1], hessian=gptq, max_rows=recipe.calib_rows,
                            rows_per_window=per_window, device=inputs[0].device,
-                           ranges=recipe.fits_options)  # plain GPTQ: the Hessian only
+                           ranges=recipe.fits_options,  # plain GPTQ: the Hessian only
+                           cross=gptq and refs is not None)
              for n in leaders}
     seen: set[str] = set()
+    window = 0
 
     def record(n, x):
-        stats[n].add(x)
+        stats[n].add(x, refs[n][window] if gptq and refs is not None else None)
         seen.add(n)
         if stop and len(seen) == len(stats):
             raise _StopForward
 
     hooks = [names[n].register_forward_pre_hook(lambda mod, args, n=n: record(n, args[0])) for n in leaders]
     try:
-        for x in inputs:
+        for window, x in enumerate(inputs):
             seen.clear()
             try:
                 _call_layer(layer, x, kwargs)
@@ -289,6 +296,20 @@ def _record_inputs(layer, names, leaders, inputs, kwargs, recipe, gptq: bool, pe
     return stats
 
 
+def _full_precision_pass(layer, names, leaders, inputs, kwargs) -> tuple[dict[str, list[torch.Tensor]], list]:
+    """The inputs of the linears ``leaders`` in every window, and the layer's outputs, while ``layer`` is still in
+    full precision and fed the full-precision model's hidden states (``fptarget``'s reference stream)."""
+    refs: dict[str, list[torch.Tensor]] = {n: [] for n in leaders}
+    hooks = [names[n].register_forward_pre_hook(lambda mod, args, n=n: refs[n].append(args[0].detach().clone()))
+             for n in leaders]
+    try:
+        outputs = [_call_layer(layer, x, kwargs) for x in inputs]
+    finally:
+        for h in hooks:
+            h.remove()
+    return refs, outputs
+
+
 @torch.no_grad()
 def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Callable[[str], None] | None):
     """One decoder layer at a time: record each linear's inputs, fit its options, quantize (GPTQ on the transformed
@@ -296,6 +317,7 @@ def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Call
     layers = find_decoder_layers(model)
     inputs, kwargs = capture_layer_inputs(model, layers, windows)
     gptq = recipe.method == "gptq" and recipe.weight is not None
+    fp_inputs = list(inputs) if gptq and recipe.fp_target else None  # the full-precision model's hidden states
     per_window = max(1, recipe.calib_rows // max(1, len(inputs)))
     done = set()
     for i, layer in enumerate(layers):
@@ -303,11 +325,14 @@ def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Call
         rotations = {n: make_rotation(recipe, n, linear_weight(m).shape[1], report) for n, m in names.items()}
         leader = _input_groups(layer, names, inputs[0], kwargs[i])
         leaders = list(dict.fromkeys(leader.values()))  # in execution order
+        refs = None
+        if fp_inputs is not None:  # before anything in this layer is quantized
+            refs, fp_inputs = _full_precision_pass(layer, names, leaders, fp_inputs, kwargs[i])
         # One pass records every linear's inputs; true-sequential runs one pass per input group, after the groups
         # before it are quantized, and stops the layer as soon as the group's input is seen.
         for stage in ([[ld] for ld in leaders] if recipe.sequential else [leaders]):
             stats = _record_inputs(layer, names, stage, inputs, kwargs[i], recipe, gptq, per_window,
-                                   stop=recipe.sequential)
+                                   stop=recipe.sequential, refs=refs)
             for n, m in names.items():
                 if leader[n] not in stage:
                     continue
@@ -318,9 +343,10 @@ def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Call
                     report.fits[n] = dict(alpha=fit.alpha, act_clip=fit.act_clip,
                                           transform=fit.transform.mode if fit.transform is not None else None,
                                           error_before=fit.error_before, error_after=fit.error_after)
-                _replace(model, n, m, recipe, report, hessian=st.h, rotation=rotations[n], fit=fit)
+                _replace(model, n, m, recipe, report, hessian=st.h, rotation=rotations[n], fit=fit, cross=st.cross)
                 done.add(n)
         stats.clear()  # free the Hessians and samples before the next layer
+        refs = None
         if i + 1 < len(layers):  # the quantized layer's outputs feed the next one
             inputs = [_call_layer(layer, x, kwargs[i]) for x in inputs]
         if progress:
