@@ -4,7 +4,9 @@ Architecture-agnostic: every ``nn.Linear`` (and GPT-2's ``Conv1D``) outside ``re
 ``RotatedQuantLinear`` with an online rotation on its input; nothing assumes one family's norm layout. GPTQ
 calibrates one decoder layer at a time: the inputs of the first layer are captured once, then each layer's linears
 collect Hessians of their (rotated) inputs, are quantized, and the quantized layer's outputs become the next layer's
-inputs — so only one layer's weights and activations need to be on the device at a time.
+inputs — so only one layer's weights and activations need to be on the device at a time. With ``fptarget`` a second
+stream carries the full-precision model's hidden states alongside, and each linear is fitted to its full-precision
+outputs (see ``models.gptq.corrected_weight``).
 """
 
 from __future__ import annotations
