@@ -355,7 +355,7 @@ def test_fptarget_pairs_each_linear_with_the_full_precision_models_inputs(minilm
     real = pipeline._replace
 
     def spy(model_, name, mod, recipe, report, hessian=None, cross=None, **kw):
-        if name.endswith("attention.self.query") and ".layer.0." in name or ".layer.1." in name:
+        if name.endswith("attention.self.query") and (".layer.0." in name or ".layer.1." in name):
             seen[name] = (hessian.clone(), cross.clone())
         return real(model_, name, mod, recipe, report, hessian=hessian, cross=cross, **kw)
 

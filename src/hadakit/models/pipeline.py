@@ -269,17 +269,17 @@ def _record_inputs(layer, names, leaders, inputs, kwargs, recipe, gptq: bool, pe
                    refs: dict[str, list[torch.Tensor]] | None = None) -> dict[str, InputStats]:
     """Input statistics of the linears ``leaders`` over every calibration input of ``layer``; with ``stop`` the
     layer's forward ends once they have all been seen. ``refs[n][j]``: the full-precision model's input of ``n`` in
-    window ``j``, paired with the recorded one (``fptarget``)."""
+    window ``j``, paired with the recorded one (``fptarget``, GPTQ only)."""
     stats = {n: InputStats(linear_weight(names[n]).shape[1], hessian=gptq, max_rows=recipe.calib_rows,
                            rows_per_window=per_window, device=inputs[0].device,
                            ranges=recipe.fits_options,  # plain GPTQ: the Hessian only
-                           cross=gptq and refs is not None)
+                           cross=refs is not None)
              for n in leaders}
     seen: set[str] = set()
     window = 0
 
     def record(n, x):
-        stats[n].add(x, refs[n][window] if gptq and refs is not None else None)
+        stats[n].add(x, refs[n][window] if refs is not None else None)
         seen.add(n)
         if stop and len(seen) == len(stats):
             raise _StopForward
@@ -327,7 +327,7 @@ def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Call
         rotations = {n: make_rotation(recipe, n, linear_weight(m).shape[1], report) for n, m in names.items()}
         leader = _input_groups(layer, names, inputs[0], kwargs[i])
         leaders = list(dict.fromkeys(leader.values()))  # in execution order
-        refs = None
+        refs = None  # fp_inputs is set only for GPTQ, so refs too
         if fp_inputs is not None:  # before anything in this layer is quantized
             refs, fp_inputs = _full_precision_pass(layer, names, leaders, fp_inputs, kwargs[i])
         # One pass records every linear's inputs; true-sequential runs one pass per input group, after the groups
@@ -347,7 +347,7 @@ def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Call
                                           error_before=fit.error_before, error_after=fit.error_after)
                 _replace(model, n, m, recipe, report, hessian=st.h, rotation=rotations[n], fit=fit, cross=st.cross)
                 done.add(n)
-        stats.clear()  # free the Hessians and samples before the next layer
+        stats.clear()  # free the Hessians, samples and full-precision inputs before the next layer
         refs = None
         if i + 1 < len(layers):  # the quantized layer's outputs feed the next one
             inputs = [_call_layer(layer, x, kwargs[i]) for x in inputs]
