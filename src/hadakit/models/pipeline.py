@@ -11,6 +11,7 @@ outputs (see ``models.gptq.corrected_weight``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from hadakit.models.kv_cache import calibrate_kv_centers, install_kv_quantizatio
 from hadakit.models.qlinear import RotatedQuantLinear, weight_map
 from hadakit.models.quantizers import SchemeGroupQuantizer
 from hadakit.models.recipes import QuantRecipe
+from hadakit.models.stage_reuse import StageReuse
 from hadakit.transforms import HadamardRotation, transform_plan
 
 
@@ -48,6 +50,7 @@ class QuantizationReport:
     online: dict[str, Any] = field(default_factory=dict)
     fusion: dict[str, Any] = field(default_factory=dict)
     stored_rounded: int = 0  # store=D: elements of unquantized parameters rounded to D
+    reuse_off: str | None = None  # seq: why reusing finished submodules' outputs was turned off (see stage_reuse)
 
     def summary(self) -> str:
         lines = [f"{self.recipe.label()}: {len(self.quantized)} linears quantized, {len(self.skipped)} kept in full "
@@ -68,6 +71,10 @@ class QuantizationReport:
 
 def _is_conv1d(mod: nn.Module) -> bool:
     return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
+
+
+def _is_linear(mod: nn.Module) -> bool:
+    return isinstance(mod, (nn.Linear, RotatedQuantLinear)) or _is_conv1d(mod)
 
 
 def linear_weight(mod: nn.Module) -> torch.Tensor:
@@ -266,10 +273,12 @@ def _input_groups(layer: nn.Module, names: dict[str, nn.Module], x: torch.Tensor
 
 
 def _record_inputs(layer, names, leaders, inputs, kwargs, recipe, gptq: bool, per_window: int, stop: bool,
-                   refs: dict[str, list[torch.Tensor]] | None = None) -> dict[str, InputStats]:
+                   refs: dict[str, list[torch.Tensor]] | None = None, reuse: StageReuse | None = None
+                   ) -> dict[str, InputStats]:
     """Input statistics of the linears ``leaders`` over every calibration input of ``layer``; with ``stop`` the
     layer's forward ends once they have all been seen. ``refs[n][j]``: the full-precision model's input of ``n`` in
-    window ``j``, paired with the recorded one (``fptarget``, GPTQ only)."""
+    window ``j``, paired with the recorded one (``fptarget``, GPTQ only). ``reuse``: finished submodules' outputs
+    from the layer's earlier passes (``seq``)."""
     stats = {n: InputStats(linear_weight(names[n]).shape[1], hessian=gptq, max_rows=recipe.calib_rows,
                            rows_per_window=per_window, device=inputs[0].device,
                            ranges=recipe.fits_options,  # plain GPTQ: the Hessian only
@@ -286,16 +295,31 @@ def _record_inputs(layer, names, leaders, inputs, kwargs, recipe, gptq: bool, pe
 
     hooks = [names[n].register_forward_pre_hook(lambda mod, args, n=n: record(n, args[0])) for n in leaders]
     try:
-        for window, x in enumerate(inputs):
-            seen.clear()
-            try:
-                _call_layer(layer, x, kwargs)
-            except _StopForward:
-                pass
+        with reuse.run(len(inputs)) if reuse is not None else contextlib.nullcontext():
+            for window, x in enumerate(inputs):
+                seen.clear()
+                if reuse is not None:
+                    reuse.window = window
+                try:
+                    _call_layer(layer, x, kwargs)
+                except _StopForward:
+                    pass
     finally:
         for h in hooks:
             h.remove()
     return stats
+
+
+def _layer_outputs(layer, inputs, kwargs, reuse: StageReuse | None) -> list[torch.Tensor]:
+    """The (quantized) layer's outputs on every input: the next layer's inputs."""
+    if reuse is None:
+        return [_call_layer(layer, x, kwargs) for x in inputs]
+    outputs = []
+    with reuse.run(len(inputs), keep=False):
+        for window, x in enumerate(inputs):
+            reuse.window = window
+            outputs.append(_call_layer(layer, x, kwargs))
+    return outputs
 
 
 def _full_precision_pass(layer, names, leaders, inputs, kwargs) -> tuple[dict[str, list[torch.Tensor]], list]:
@@ -322,7 +346,9 @@ def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Call
     fp_inputs = list(inputs) if gptq and recipe.fp_target else None  # the full-precision model's hidden states
     per_window = max(1, recipe.calib_rows // max(1, len(inputs)))
     done = set()
+    reusing = recipe.sequential  # only seq runs a layer several times with its earlier parts final
     for i, layer in enumerate(layers):
+        reuse = StageReuse(layer, _is_linear) if reusing else None
         names = {n: m for n, m in linears.items() if any(m is mm for mm in layer.modules())}
         rotations = {n: make_rotation(recipe, n, linear_weight(m).shape[1], report) for n, m in names.items()}
         leader = _input_groups(layer, names, inputs[0], kwargs[i])
@@ -334,7 +360,7 @@ def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Call
         # before it are quantized, and stops the layer as soon as the group's input is seen.
         for stage in ([[ld] for ld in leaders] if recipe.sequential else [leaders]):
             stats = _record_inputs(layer, names, stage, inputs, kwargs[i], recipe, gptq, per_window,
-                                   stop=recipe.sequential, refs=refs)
+                                   stop=recipe.sequential, refs=refs, reuse=reuse)
             for n, m in names.items():
                 if leader[n] not in stage:
                     continue
@@ -350,7 +376,11 @@ def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Call
         stats.clear()  # free the Hessians, samples and full-precision inputs before the next layer
         refs = None
         if i + 1 < len(layers):  # the quantized layer's outputs feed the next one
-            inputs = [_call_layer(layer, x, kwargs[i]) for x in inputs]
+            inputs = _layer_outputs(layer, inputs, kwargs[i], reuse)
+        if reuse is not None and reuse.disabled_reason:
+            report.reuse_off = f"layer {i}: {reuse.disabled_reason}"
+            reusing = False  # recompute everything from here on
+        reuse = None
         if progress:
             progress(f"{'GPTQ' if gptq else 'calibration'} layer {i + 1}/{len(layers)}")
     return done

@@ -1,0 +1,150 @@
+"""True-sequential calibration reuses finished submodules' outputs: same result, fewer forwards, and a safe check."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hadakit.models import calibration_windows, stage_reuse
+from hadakit.models.pipeline import quantize_model
+from hadakit.models.recipes import get_recipe
+
+
+def _quantize(model, spec, calib, budget=None, monkeypatch=None):
+    m = model
+    if budget is not None:
+        monkeypatch.setattr(stage_reuse, "REUSE_BUDGET_BYTES", budget)
+    report = quantize_model(m, get_recipe(spec), calib=calib)
+    if budget is not None:
+        monkeypatch.undo()
+    return m, report
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("spec", ["w4a16_g128:hadamard:gptq:seq", "w4a4:random:gptq:fptarget"])
+def test_reuse_gives_the_same_model_bit_for_bit_with_fewer_forwards(minilm, monkeypatch, spec):
+    model, tok, enc = minilm
+    n_win, n_layers = 3, 6
+    calib = calibration_windows(tok, "lear", n_windows=n_win, window=32, add_bos=False)
+    counts, outs = {}, {}
+    for budget in (0, None):  # 0: nothing is kept, every pass recomputes everything (the reference)
+        m = copy.deepcopy(model)
+        # BERT's attention core (not a candidate itself: it sits inside the "attention" child) runs only when
+        # its parent is not reused.
+        cores = [mod for n, mod in m.named_modules() if n.endswith("attention.self")]
+        calls = []
+        hooks = [c.register_forward_hook(lambda *a: calls.append(1)) for c in cores]
+        m, report = _quantize(m, spec, calib, budget, monkeypatch)
+        for h in hooks:
+            h.remove()
+        assert report.reuse_off is None
+        counts[budget] = len(calls)
+        with torch.no_grad():
+            outs[budget] = m(**enc).last_hidden_state
+    assert torch.equal(outs[0], outs[None])
+    # Per layer: one window of the forward that records the layers' keyword arguments, the grouping probe (1 window),
+    # the full-precision pass (fptarget), then the stage passes for
+    # query/key/value (stops before attention finishes), attention.output.dense, intermediate.dense and
+    # output.dense, and the final pass (not in the last layer). Reused, attention finishes once (third pass) and
+    # is recomputed only on the checked first window of the two passes after it.
+    fp = n_win if "fptarget" in spec else 0
+    assert counts[0] == n_layers * (2 + fp + 4 * n_win) - n_win
+    assert counts[None] == n_layers * (2 + fp + 2 * n_win + 2) - 1
+
+
+class _Counter(nn.Module):
+    """Output changes with every call: a hidden state the reuse reasoning does not cover."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x) * (1 + 0.1 * self.calls)
+
+
+class _Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.pre = _Counter(d)
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+
+    def forward(self, x, **kwargs):
+        return x + self.down(torch.relu(self.up(self.pre(x))))
+
+
+class _ToyLM(nn.Module):
+    def __init__(self, d=128, vocab=50):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList([_Block(d) for _ in range(2)])
+
+    def forward(self, ids, use_cache=False):
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_submodule_whose_output_changes_between_passes_turns_reuse_off(monkeypatch):
+    torch.manual_seed(0)
+    model = _ToyLM()
+    calib = torch.randint(0, 50, (3, 16))
+    spec = "w4a16_g128:none:gptq:seq"
+    ref, rep0 = _quantize(copy.deepcopy(model), spec, calib, 0, monkeypatch)
+    got, rep = _quantize(copy.deepcopy(model), spec, calib, None, monkeypatch)
+    assert rep0.reuse_off is None
+    assert rep.reuse_off is not None and "pre" in rep.reuse_off, rep.reuse_off
+    # Caught on the first window of the pass after it was kept: the result still matches recomputing everything.
+    for n in ("layers.0.up", "layers.0.down", "layers.1.pre.lin", "layers.1.up", "layers.1.down"):
+        assert torch.equal(ref.get_submodule(n).weight, got.get_submodule(n).weight), n
+
+
+def test_outputs_are_kept_within_the_budget_and_parents_replace_their_children():
+    torch.manual_seed(0)
+    block = _Block(8)
+    block.pre = nn.Sequential(nn.Linear(8, 8))  # a child holding a linear: candidate, and so is its linear
+    reuse = stage_reuse.StageReuse(block, lambda m: isinstance(m, nn.Linear))
+    assert reuse.names == ["pre", "up", "down", "pre.0"]
+    xs = [torch.randn(4, 8) for _ in range(2)]
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(mod):
+        def hook(m, a):
+            raise Stop
+        return mod.register_forward_pre_hook(hook)
+
+    with torch.no_grad():
+        h = stop_at(block.down)  # pass 1 stops at down: pre (with pre.0) and up finished
+        with reuse.run(len(xs)):
+            for j, x in enumerate(xs):
+                reuse.window = j
+                with pytest.raises(Stop):
+                    block(x)
+        h.remove()
+        assert sorted(reuse.kept) == ["pre", "up"]  # pre.0 is inside pre: not kept
+        small = stage_reuse.StageReuse(block, lambda m: isinstance(m, nn.Linear), budget=2 * 4 * 8 * 4)
+        h = stop_at(block.down)
+        with small.run(len(xs)):
+            for j, x in enumerate(xs):
+                small.window = j
+                with pytest.raises(Stop):
+                    block(x)
+        h.remove()
+        assert sorted(small.kept) == ["pre"]  # up's 2·4·16 floats did not fit after pre's
+        want = [block(x) for x in xs]
+        with reuse.run(len(xs), keep=False):
+            got = []
+            for j, x in enumerate(xs):
+                reuse.window = j
+                got.append(block(x))
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+        assert "forward" not in block.pre.__dict__  # the patches are gone after the pass
