@@ -241,6 +241,18 @@ def test_hessian_accumulation_matches_float64():
     torch.testing.assert_close(acc.h, 2 * x.T @ x / x.shape[0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [100, 640, 1000, 1026])  # one block, 2 blocks, 4 uneven blocks
+def test_symmetric_gram_equals_the_full_product_and_is_exactly_symmetric(n):
+    from hadakit.models.gptq import symmetric_gram
+
+    torch.manual_seed(n)
+    x = torch.randn(200, n) * torch.linspace(0.1, 3, n)
+    g = symmetric_gram(x)
+    ref = x.double().T @ x.double()
+    assert torch.equal(g, g.T)
+    assert float((g.double() - ref).abs().max()) < 1e-6 * float(ref.abs().max())
+
+
 def test_upper_cholesky_of_inverse_matches_the_three_step_form():
     from hadakit.models.gptq import upper_cholesky_of_inverse
 

@@ -44,6 +44,23 @@ class GPTQConfig:
         return {"damp": self.damp, "block_size": self.block_size, "act_order": self.act_order, "refit": self.refit}
 
 
+def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
+    """``xᵀx`` from its upper block triangle only (``k(k+1)/2`` of ``k²`` column blocks), mirrored: a GEMM does not
+    know the product is symmetric. Measured on a 2-core CPU, 4096 rows: 138 ms against 209 ms at 2048 columns,
+    35 against 79 ms at 1024. The result is exactly symmetric."""
+    n = x.shape[1]
+    k = 1 if n < 512 else 2 if n < 1024 else 4
+    if k == 1:
+        return x.t() @ x
+    cuts = [n * i // k for i in range(k + 1)]
+    h = torch.empty(n, n, dtype=x.dtype, device=x.device)
+    for a, b in zip(cuts, cuts[1:]):
+        row = x[:, a:b].t() @ x[:, a:]  # block row from the diagonal block on
+        h[a:b, a:] = row
+        h[b:, a:b] = row[:, b - a:].t()
+    return h
+
+
 class HessianAccumulator:
     """Running ``H = 2/N · Σ xᵀx`` over calibration activations of one linear layer; with ``cross=True`` also
     ``C = 2/N · Σ rᵀx`` for paired reference rows ``r`` (the full-precision model's inputs at the same tokens, for
@@ -84,7 +101,7 @@ class HessianAccumulator:
             return
         x = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
         new = self.count + x.shape[0]
-        self._h.mul_(self.count / new).add_(x.t() @ x, alpha=2.0 / new)
+        self._h.mul_(self.count / new).add_(symmetric_gram(x), alpha=2.0 / new)
         if self._c is not None:
             r = torch.cat(self._pending_ref) if len(self._pending_ref) > 1 else self._pending_ref[0]
             self._c.mul_(self.count / new).add_(r.t() @ x, alpha=2.0 / new)
@@ -115,13 +132,20 @@ def corrected_weight(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: fl
     barely excites alone, and gives ``W* = W`` exactly when the two streams agree. ``strength`` scales the
     correction: the ``n²`` entries of ``C − H`` are estimated from the calibration tokens, and on few tokens the full
     correction fits their noise (GPTAQ scales it the same way; 0.5 is the recipes' default)."""
-    w64, h64 = w.detach().to(torch.float64), h.to(torch.float64)
+    h64 = h.to(torch.float64)
     n = h64.shape[0]
     lam = damp * torch.diagonal(h64).mean()
     a = h64 + lam * torch.eye(n, dtype=h64.dtype, device=h64.device)
-    rhs = w64 @ (c.to(torch.float64) - h64)  # [out, in]
-    delta = torch.linalg.solve(a, rhs.t()).t()  # A symmetric: (A⁻¹·rhsᵀ)ᵀ = rhs·A⁻¹
-    return (w64 + strength * delta).to(w.dtype)
+    # C − H in float64 (the two are close: the difference is where the precision goes), its product with W in
+    # float32 (relative error ~1e-7 of a correction that is itself a small part of W); the SPD solve in float64.
+    rhs = (w.detach().float() @ (c.to(torch.float64) - h64).float()).to(torch.float64)  # [out, in]
+    lower, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        raise ValueError(f"fptarget: the damped input Hessian is not positive definite (leading minor {int(info)} "
+                         f"of {n}); the calibration inputs hold non-finite or degenerate values — check them, or "
+                         f"raise GPTQConfig.damp")
+    delta = torch.cholesky_solve(rhs.t(), lower).t()  # A symmetric: (A⁻¹·rhsᵀ)ᵀ = rhs·A⁻¹
+    return (w.detach().to(torch.float64) + strength * delta).to(w.dtype)
 
 
 def upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
@@ -160,8 +184,7 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, quantizer: GroupQuantizer, cfg: GPTQConfig = GPTQConfig()
                   ) -> torch.Tensor:
     """Return the GPTQ quantize-dequantized copy of ``w`` ``[out, in]`` given the input Hessian ``h`` ``[in, in]``."""
-    with _one_cpu_thread(w.device):
-        return _gptq(w, h, quantizer, cfg)
+    return _gptq(w, h, quantizer, cfg)
 
 
 def _gptq(w: torch.Tensor, h: torch.Tensor, quantizer: GroupQuantizer, cfg: GPTQConfig) -> torch.Tensor:
@@ -189,7 +212,9 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, quantizer: GroupQuantizer, cfg: GPTQ
     wp = w[:, perm].float()
 
     order = perm.tolist()
-    q = _columns(wp, hinv, quantizer, order, g, cfg.block_size, static)[:, inv]
+    # The factorizations above use every thread; only the column loop runs on one.
+    with _one_cpu_thread(w.device):
+        q = _columns(wp, hinv, quantizer, order, g, cfg.block_size, static)[:, inv]
     refit = getattr(quantizer, "refit_scales", None)
     for _ in range(cfg.refit if refit is not None else 0):
         # Least-squares group scales for the codes just chosen (never raising the damped Hessian-weighted error),
@@ -197,7 +222,8 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, quantizer: GroupQuantizer, cfg: GPTQ
         scales = refit(w, h)
         if scales is None:
             break
-        q = _columns(wp, hinv, quantizer, order, g, cfg.block_size, scales)[:, inv]
+        with _one_cpu_thread(w.device):
+            q = _columns(wp, hinv, quantizer, order, g, cfg.block_size, scales)[:, inv]
     return q
 
 
