@@ -135,10 +135,11 @@ def corrected_weight(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: fl
     h64 = h.to(torch.float64)
     n = h64.shape[0]
     lam = damp * torch.diagonal(h64).mean()
-    a = h64 + lam * torch.eye(n, dtype=h64.dtype, device=h64.device)
-    # C − H in float64 (the two are close: the difference is where the precision goes), its product with W in
-    # float32 (relative error ~1e-7 of a correction that is itself a small part of W); the SPD solve in float64.
-    rhs = (w.detach().float() @ (c.to(torch.float64) - h64).float()).to(torch.float64)  # [out, in]
+    a = h64.clone()
+    a.diagonal().add_(lam)
+    # All in float64: a float32 product here (a ~1e-6 relative change of the correction) moved Gemma's W4A16
+    # perplexity (86 windows, S = 1) from 52.50 to 52.85, as GPTQ's rounding decisions amplify any perturbation.
+    rhs = w.detach().to(torch.float64) @ (c.to(torch.float64) - h64)  # [out, in]
     lower, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:
         raise ValueError(f"fptarget: the damped input Hessian is not positive definite (leading minor {int(info)} "
@@ -201,20 +202,21 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, quantizer: GroupQuantizer, cfg: GPTQ
     # Static group parameters (from the original weights, in the original order) when columns are permuted.
     static = [quantizer.fit(w[:, s:s + g].float()) for s in range(0, n, g)] if cfg.act_order else None
     perm = torch.argsort(torch.diagonal(h), descending=True) if cfg.act_order else torch.arange(n)
-    inv = torch.argsort(perm)
+    inv = torch.argsort(perm) if cfg.act_order else None  # None: the identity order, nothing to undo
 
     damp = cfg.damp * torch.diagonal(h).mean()
-    h += damp * torch.eye(n, dtype=h.dtype, device=h.device)
+    h.diagonal().add_(damp)
     # Upper Cholesky factor of H⁻¹: row i holds the update weights for column i's error (GPTQ's trick). The
     # factorization runs in float64; the column loop in float32, like the reference implementation.
-    hp = h[perm][:, perm]
+    hp = h[perm][:, perm] if cfg.act_order else h  # without act_order the order is the identity: no copies
     hinv = upper_cholesky_of_inverse(hp).float()
-    wp = w[:, perm].float()
+    wp = w[:, perm].float() if cfg.act_order else w.float()
 
     order = perm.tolist()
     # The factorizations above use every thread; only the column loop runs on one.
     with _one_cpu_thread(w.device):
-        q = _columns(wp, hinv, quantizer, order, g, cfg.block_size, static)[:, inv]
+        q = _columns(wp, hinv, quantizer, order, g, cfg.block_size, static)
+    q = q[:, inv] if inv is not None else q
     refit = getattr(quantizer, "refit_scales", None)
     for _ in range(cfg.refit if refit is not None else 0):
         # Least-squares group scales for the codes just chosen (never raising the damped Hessian-weighted error),
@@ -223,7 +225,8 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, quantizer: GroupQuantizer, cfg: GPTQ
         if scales is None:
             break
         with _one_cpu_thread(w.device):
-            q = _columns(wp, hinv, quantizer, order, g, cfg.block_size, scales)[:, inv]
+            q = _columns(wp, hinv, quantizer, order, g, cfg.block_size, scales)
+        q = q[:, inv] if inv is not None else q
     return q
 
 

@@ -272,13 +272,13 @@ def _input_groups(layer: nn.Module, names: dict[str, nn.Module], x: torch.Tensor
     return {n: leader.get(n, n) for n in names}
 
 
-def _record_inputs(layer, names, leaders, inputs, kwargs, recipe, gptq: bool, per_window: int, stop: bool,
+def _record_inputs(layer, names, leaders, inputs, kwargs, recipe, gptq: bool, per_window: int,
                    refs: dict[str, list[torch.Tensor]] | None = None, reuse: StageReuse | None = None
                    ) -> dict[str, InputStats]:
-    """Input statistics of the linears ``leaders`` over every calibration input of ``layer``; with ``stop`` the
-    layer's forward ends once they have all been seen. ``refs[n][j]``: the full-precision model's input of ``n`` in
-    window ``j``, paired with the recorded one (``fptarget``, GPTQ only). ``reuse``: finished submodules' outputs
-    from the layer's earlier passes (``seq``)."""
+    """Input statistics of the linears ``leaders`` over every calibration input of ``layer``; the layer's forward
+    ends once they have all been seen (what runs after the last of them is not needed). ``refs[n][j]``: the
+    full-precision model's input of ``n`` in window ``j``, paired with the recorded one (``fptarget``, GPTQ only).
+    ``reuse``: finished submodules' outputs from the layer's earlier passes (``seq``)."""
     stats = {n: InputStats(linear_weight(names[n]).shape[1], hessian=gptq, max_rows=recipe.calib_rows,
                            rows_per_window=per_window, device=inputs[0].device,
                            ranges=recipe.fits_options,  # plain GPTQ: the Hessian only
@@ -290,7 +290,7 @@ def _record_inputs(layer, names, leaders, inputs, kwargs, recipe, gptq: bool, pe
     def record(n, x):
         stats[n].add(x, refs[n][window] if refs is not None else None)
         seen.add(n)
-        if stop and len(seen) == len(stats):
+        if len(seen) == len(stats):
             raise _StopForward
 
     hooks = [names[n].register_forward_pre_hook(lambda mod, args, n=n: record(n, args[0])) for n in leaders]
@@ -360,7 +360,7 @@ def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Call
         # before it are quantized, and stops the layer as soon as the group's input is seen.
         for stage in ([[ld] for ld in leaders] if recipe.sequential else [leaders]):
             stats = _record_inputs(layer, names, stage, inputs, kwargs[i], recipe, gptq, per_window,
-                                   stop=recipe.sequential, refs=refs, reuse=reuse)
+                                   refs=refs, reuse=reuse)
             for n, m in names.items():
                 if leader[n] not in stage:
                     continue
