@@ -131,7 +131,8 @@ def test_outputs_are_kept_within_the_budget_and_parents_replace_their_children()
                     block(x)
         h.remove()
         assert sorted(reuse.kept) == ["pre", "up"]  # pre.0 is inside pre: not kept
-        small = stage_reuse.StageReuse(block, lambda m: isinstance(m, nn.Linear), budget=2 * 4 * 8 * 4)
+        # pre and pre.0 (8 floats per row, 4 rows, 2 windows each) fit, up (16 per row) does not
+        small = stage_reuse.StageReuse(block, lambda m: isinstance(m, nn.Linear), budget=2 * 2 * 4 * 8 * 4)
         h = stop_at(block.down)
         with small.run(len(xs)):
             for j, x in enumerate(xs):
@@ -139,7 +140,7 @@ def test_outputs_are_kept_within_the_budget_and_parents_replace_their_children()
                 with pytest.raises(Stop):
                     block(x)
         h.remove()
-        assert sorted(small.kept) == ["pre"]  # up's 2·4·16 floats did not fit after pre's
+        assert sorted(small.kept) == ["pre"]  # pre.0 dropped for its parent
         want = [block(x) for x in xs]
         with reuse.run(len(xs), keep=False):
             got = []

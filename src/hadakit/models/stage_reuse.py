@@ -92,10 +92,13 @@ class _Pass:
     def __init__(self, reuse: StageReuse, n_windows: int, keep: bool):
         self.reuse, self.n_windows, self.keep = reuse, n_windows, keep
         self.fresh: dict[str, list] = {}
+        self.reserved = 0  # bytes set aside for this pass's copies
+        self.refused: set[str] = set()
         self.undo: list[Callable[[], None]] = []
 
     def __enter__(self):
         r = self.reuse
+        self.kept_bytes = r.kept_bytes
         if r.disabled_reason:
             return self
         for name in r.names:
@@ -110,7 +113,17 @@ class _Pass:
 
     def _record(self, name: str, out) -> None:
         outs = self.fresh[name]
-        if len(outs) == self.reuse.window:  # a submodule called twice in one window is not kept
+        window = self.reuse.window
+        if window == 0 and not outs:
+            # Room for all windows is reserved on the first one (same shapes in every window), so the copies never
+            # take more memory than the budget; a submodule that does not fit is not kept.
+            need = _nbytes(out) * self.n_windows
+            if self.kept_bytes + self.reserved + need <= self.reuse.budget:
+                self.reserved += need
+            else:
+                self.refused.add(name)
+        # Not kept either: a submodule called twice in one window.
+        if name not in self.refused and len(outs) == window:
             outs.append(_map(lambda t: t.detach().clone(), out))
         else:
             outs.append(None)
