@@ -149,3 +149,39 @@ def test_outputs_are_kept_within_the_budget_and_parents_replace_their_children()
                 got.append(block(x))
         assert all(torch.equal(a, b) for a, b in zip(want, got))
         assert "forward" not in block.pre.__dict__  # the patches are gone after the pass
+
+
+def _tiny(arch):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if arch == "gpt2":  # Conv1D linears, q/k/v fused in one
+        config = tf.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+        return tf.GPT2LMHeadModel(config).eval()
+    cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[arch]
+    config = cls[0](vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return cls[1](config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_reuse_is_exact_on_other_decoder_families(arch, monkeypatch):
+    model = _tiny(arch)
+    calib = torch.randint(0, 96, (3, 24))
+    ids = torch.randint(0, 96, (1, 24))
+    spec = "w4a16:none:gptq:fptarget"
+    ref, rep0 = _quantize(copy.deepcopy(model), spec, calib, 0, monkeypatch)
+    kept = set()
+    real_exit = stage_reuse._Pass.__exit__
+
+    def spy(self, *exc):
+        out = real_exit(self, *exc)
+        kept.update(self.reuse.kept)
+        return out
+
+    monkeypatch.setattr(stage_reuse._Pass, "__exit__", spy)
+    got, rep = _quantize(copy.deepcopy(model), spec, calib, None, monkeypatch)
+    assert rep.reuse_off is None, rep.reuse_off
+    assert {"attn", "self_attn"} & kept, kept  # the attention block was reused
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, got(ids).logits)
