@@ -101,6 +101,7 @@ def test_a_submodule_whose_output_changes_between_passes_turns_reuse_off(monkeyp
     got, rep = _quantize(copy.deepcopy(model), spec, calib, None, monkeypatch)
     assert rep0.reuse_off is None
     assert rep.reuse_off is not None and "pre" in rep.reuse_off, rep.reuse_off
+    assert "reuse turned off at layer 0: pre's output changed" in rep.summary()
     # Caught on the first window of the pass after it was kept: the result still matches recomputing everything.
     for n in ("layers.0.up", "layers.0.down", "layers.1.pre.lin", "layers.1.up", "layers.1.down"):
         assert torch.equal(ref.get_submodule(n).weight, got.get_submodule(n).weight), n

@@ -66,6 +66,8 @@ class QuantizationReport:
             lines.append(f"  {self.stored_rounded:,} unquantized parameters rounded to {self.recipe.store_dtype}")
         if self.kv_modules:
             lines.append(f"  KV cache quantized in {self.kv_modules} attention modules")
+        if self.reuse_off:
+            lines.append(f"  seq recomputed every pass (reuse turned off at {self.reuse_off})")
         return "\n".join(lines)
 
 
