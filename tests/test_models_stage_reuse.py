@@ -118,29 +118,23 @@ def test_outputs_are_kept_within_the_budget_and_parents_replace_their_children()
     class Stop(Exception):
         pass
 
-    def stop_at(mod):
+    def pass_stopping_at_down(r):
         def hook(m, a):
             raise Stop
-        return mod.register_forward_pre_hook(hook)
-
-    with torch.no_grad():
-        h = stop_at(block.down)  # pass 1 stops at down: pre (with pre.0) and up finished
-        with reuse.run(len(xs)):
+        h = block.down.register_forward_pre_hook(hook)
+        with r.run(len(xs)):
             for j, x in enumerate(xs):
-                reuse.window = j
+                r.window = j
                 with pytest.raises(Stop):
                     block(x)
         h.remove()
+
+    with torch.no_grad():
+        pass_stopping_at_down(reuse)  # pre (with pre.0) and up finished
         assert sorted(reuse.kept) == ["pre", "up"]  # pre.0 is inside pre: not kept
         # pre and pre.0 (8 floats per row, 4 rows, 2 windows each) fit, up (16 per row) does not
         small = stage_reuse.StageReuse(block, lambda m: isinstance(m, nn.Linear), budget=2 * 2 * 4 * 8 * 4)
-        h = stop_at(block.down)
-        with small.run(len(xs)):
-            for j, x in enumerate(xs):
-                small.window = j
-                with pytest.raises(Stop):
-                    block(x)
-        h.remove()
+        pass_stopping_at_down(small)
         assert sorted(small.kept) == ["pre"]  # pre.0 dropped for its parent
         want = [block(x) for x in xs]
         with reuse.run(len(xs), keep=False):

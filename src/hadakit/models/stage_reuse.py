@@ -46,8 +46,9 @@ def _same(kept, new) -> bool:
     if isinstance(kept, torch.Tensor):
         if not isinstance(new, torch.Tensor) or kept.shape != new.shape:
             return False
-        scale = float(kept.abs().max()) if kept.numel() else 0.0
-        return float((kept - new).abs().max()) <= CHECK_RTOL * scale if kept.numel() else True
+        if not kept.numel():
+            return True
+        return float((kept - new).abs().max()) <= CHECK_RTOL * float(kept.abs().max())
     if isinstance(kept, (tuple, list)):
         return isinstance(new, (tuple, list)) and len(kept) == len(new) and all(map(_same, kept, new))
     return True  # non-tensor parts (None, ints) are not kept: the submodule produced them identically before
