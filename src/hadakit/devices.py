@@ -29,3 +29,27 @@ def device_name(device: torch.device | str) -> str:
 def slug(name: str) -> str:
     """A file-name-safe form of ``name``."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The device a command runs on: ``name`` checked, or CUDA when one is present and ``name`` is None.
+
+    Raises ``ValueError`` naming the problem and the fix for a name torch does not know (``"banana"``) or for a
+    CUDA device on a machine without one (or with fewer devices than the index asks for).
+    """
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {str(name)!r}: pass cpu or cuda (or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(name)!r} asked for, but this machine has no usable CUDA GPU: pass "
+                             f"--device cpu (or leave --device out)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(name)!r} asked for, but this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s): pass cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"device {str(name)!r} is not supported by hadakit: pass cpu or cuda")
+    return dev
