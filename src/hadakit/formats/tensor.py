@@ -36,6 +36,44 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
+# The dtypes a checkpoint may name as the quantized tensor's original dtype: those quantize() accepts. Resolved from
+# this table, never with getattr on torch (a name such as "nn" or "Tensor" would resolve to anything).
+_META_DTYPES = {_dtype_name(dt): dt for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+
+
+def _read_meta(t: torch.Tensor, key: str) -> dict:
+    """The JSON object stored under ``key`` (uint8 UTF-8), with a named error for anything else."""
+    corrupt = f"quantized-tensor metadata {key!r} is corrupt"
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{corrupt}: expected a 1-D uint8 tensor of UTF-8 JSON, got {got}. Re-save the checkpoint.")
+    raw = bytes(t.detach().cpu().numpy().tobytes())
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{corrupt}: not UTF-8 JSON ({e}; first bytes {raw[:32]!r}). Re-save the checkpoint.") \
+            from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{corrupt}: expected a JSON object, got a JSON {type(meta).__name__}. "
+                         f"Re-save the checkpoint.")
+    if meta.get("version") != _FORMAT_VERSION:
+        raise ValueError(f"{key!r}: unsupported quantized-tensor format version {meta.get('version')!r} "
+                         f"(this hadakit reads version {_FORMAT_VERSION})")
+    missing = [f for f in ("shape", "dtype", "scheme") if f not in meta]
+    if missing:
+        raise ValueError(f"{corrupt}: missing field(s) {', '.join(missing)}. Re-save the checkpoint.")
+    shape = meta["shape"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise ValueError(f"{corrupt}: shape must be a list of non-negative integers, got {shape!r}.")
+    if not isinstance(meta["scheme"], dict):
+        raise ValueError(f"{corrupt}: scheme must be a JSON object, got {meta['scheme']!r}.")
+    if meta["dtype"] not in _META_DTYPES:
+        raise ValueError(f"{corrupt}: dtype {meta['dtype']!r} is not one of {', '.join(_META_DTYPES)} "
+                         f"(the dtypes a quantized tensor is made from).")
+    return meta
+
+
 class QuantizedTensor:
     """A tensor stored as packed element codes + scales (+ zero points, + tensor scale). Not a torch.Tensor.
 
@@ -165,9 +203,7 @@ class QuantizedTensor:
         key = prefix + _META_KEY
         if key not in state_dict:
             raise KeyError(f"no quantized tensor under prefix {prefix!r} (missing {key!r})")
-        meta = json.loads(bytes(state_dict[key].cpu().numpy().tobytes()).decode("utf-8"))
-        if meta.get("version") != _FORMAT_VERSION:
-            raise ValueError(f"unsupported quantized-tensor format version {meta.get('version')}")
+        meta = _read_meta(state_dict[key], key)
         scheme = QuantScheme.from_dict(meta["scheme"])
 
         def get(name):
@@ -175,7 +211,7 @@ class QuantizedTensor:
             return t.to(device) if (t is not None and device is not None) else t
 
         return cls(get("payload"), get("scales"), meta["shape"], scheme, zero_points=get("zero_points"),
-                   tensor_scale=get("tensor_scale"), dtype=getattr(torch, meta["dtype"]))
+                   tensor_scale=get("tensor_scale"), dtype=_META_DTYPES[meta["dtype"]])
 
     def save(self, path, metadata: Mapping[str, str] | None = None) -> None:
         """Write this tensor to a safetensors file (the scheme also goes in the header metadata, for humans)."""

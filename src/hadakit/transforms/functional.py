@@ -12,6 +12,7 @@ contiguous block of ``b`` elements along ``dim`` is transformed on its own (``n`
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -61,7 +62,9 @@ def _prepare_signs(signs: torch.Tensor | None, n: int, x: torch.Tensor, what: st
     # Value check only where it is free: not on GPU tensors (a sync) and not while torch.compile traces.
     if signs.device.type == "cpu" and not torch.compiler.is_compiling() and not bool((signs.abs() == 1).all()):
         raise ValueError(f"{what}: signs must be ±1 (use hadakit.random_signs to draw them)")
-    return signs.to(device=x.device, dtype=torch.float32)
+    # float64 signs stay float64 for float64 inputs, so that their gradient is float64-accurate.
+    dt = torch.float64 if x.dtype == torch.float64 and signs.dtype == torch.float64 else torch.float32
+    return signs.to(device=x.device, dtype=dt)
 
 
 def transform_plan(n: int, *, block_size: int | None = None, fallback: str | None = None,
@@ -77,18 +80,23 @@ def transform_plan(n: int, *, block_size: int | None = None, fallback: str | Non
 @torch.compiler.assume_constant_result
 def _plan_scalars(b: int, fallback: str | None, fallback_seed: int) -> tuple[str, int, int]:
     # A pure function of its arguments: torch.compile records the result instead of tracing the constructions.
+    # Its arguments must be Python constants under torch.compile: ``_apply`` specializes the transformed size.
     plan = plan_transform(b, fallback, fallback_seed)
     return plan.kind, plan.base_order, plan.seed
 
 
 def _apply(x, dim, normalize, block_size, signs, fallback, fallback_seed, inverse, what):
     d = _check_input(x, dim, what)
-    n = x.shape[d]
-    if x.numel() == 0:
-        return x.clone()
+    # The transformed size picks the plan (base matrix, scale), so torch.compile specializes it: operator.index of
+    # a symbolic size guards on its value and gives a Python int (one graph per size; the other dims stay dynamic,
+    # e.g. under dynamic=True). In eager mode it is an int already and this costs nothing.
+    n = operator.index(x.shape[d])
+    # Size checks first, so that an empty tensor is refused exactly like a non-empty one.
     b = _resolve_block(n, block_size, what)
-    kind, order, seed = _plan_scalars(b, fallback, fallback_seed)
     s = _prepare_signs(signs, n, x, what)
+    if n == 0:  # a size-0 transform is the empty map: there is no plan to look up
+        return x.clone()
+    kind, order, seed = _plan_scalars(b, fallback, fallback_seed)
     if inverse:
         scale = 1.0 / math.sqrt(b) if normalize else 1.0 / b
     else:

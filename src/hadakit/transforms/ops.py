@@ -3,6 +3,7 @@
 Registering through ``torch.library.custom_op`` (with ``register_fake``) lets ``torch.compile(fullgraph=True)``
 trace models that call it without a graph break, and ``register_autograd`` gives it a backward that is the same op
 with ``transpose`` flipped (the transform is linear, so its vector-Jacobian product is the transposed transform).
+Signs that require grad get their gradient too (one more transposed transform in the backward, only then).
 
 Backend choice, per call: the Triton kernel for CUDA tensors of float32/float16/bfloat16 when Triton is installed;
 the numba SIMD kernel (``kernels/cpu_fwht.py``) for CPU tensors of at least ``_NUMBA_MIN_NUMEL`` elements when numba
@@ -111,13 +112,33 @@ def _hadamard_fake(x, signs, block, base_kind, base_order, base_seed, scale, tra
 
 
 def _setup_context(ctx, inputs, output):
+    x, signs = inputs[0], inputs[1]
     ctx.args = inputs[1:-1]  # signs, block, base_kind, base_order, base_seed, scale
     ctx.transpose = inputs[-1]
+    # The signs' gradient needs x; it is kept only when signs require grad (rare: learned / straight-through signs).
+    ctx.signs_grad = signs is not None and signs.requires_grad
+    if ctx.signs_grad:
+        ctx.save_for_backward(x)
+
+
+def _signs_grad(ctx, grad):
+    """d/d signs. Forward ``y = scale·M·(s ⊙ v)``: ``x ⊙ (scale·Mᵀ g)``; transpose ``y = s ⊙ (scale·Mᵀ v)``:
+    ``g ⊙ (scale·Mᵀ x)``; summed over the leading dims. One unsigned transposed transform, exact for any ``s``."""
+    (x,) = ctx.saved_tensors
+    signs, rest = ctx.args[0], ctx.args[1:]
+    n = x.shape[-1]
+    if ctx.transpose:
+        u, other = hadamard(x, None, *rest, True), grad
+    else:
+        u, other = hadamard(grad, None, *rest, True), x
+    cd = torch.float64 if signs.dtype == torch.float64 else torch.float32
+    return (u.to(cd) * other.to(cd)).reshape(-1, n).sum(0).to(signs.dtype)
 
 
 def _backward(ctx, grad):
-    g = hadamard(grad, *ctx.args, not ctx.transpose)
-    return (g,) + (None,) * 7
+    g = hadamard(grad, *ctx.args, not ctx.transpose) if ctx.needs_input_grad[0] else None
+    gs = _signs_grad(ctx, grad) if ctx.signs_grad and ctx.needs_input_grad[1] else None
+    return (g, gs) + (None,) * 6
 
 
 hadamard.register_autograd(_backward, setup_context=_setup_context)

@@ -15,6 +15,21 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 1) % (2**63 - 1)
 
 
+@torch.library.custom_op("hadakit::step_signs", mutates_args=())
+def step_signs(step: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``random_signs(n, _step_seed(seed, step))`` (float32, on ``step``'s device): the signs of step ``step``.
+
+    A custom op so that ``torch.compile(fullgraph=True)`` of a ``signs="per_call"`` rotation sees one opaque call
+    instead of a ``torch.Generator`` created mid-graph (which Dynamo cannot trace); eager and compiled draws agree.
+    """
+    return F.random_signs(n, _step_seed(seed, int(step)), device=step.device)
+
+
+@step_signs.register_fake
+def _step_signs_fake(step, n, seed):
+    return torch.empty(n, dtype=torch.float32, device=step.device)
+
+
 class HadamardRotation(nn.Module):
     """An orthogonal Hadamard rotation of size ``n`` along ``dim``, optionally randomized and/or block-diagonal.
 
@@ -77,7 +92,7 @@ class HadamardRotation(nn.Module):
         if self.signs is None:
             raise RuntimeError("resample() needs signs='fixed' or 'per_call'")
         self.step += 1
-        self.signs.copy_(F.random_signs(self.n, _step_seed(self.seed, int(self.step))))
+        self.signs.copy_(step_signs(self.step, self.n, self.seed))
 
     def _kwargs(self):
         return dict(block_size=self.block_size, signs=self.signs, fallback=self.fallback,
