@@ -6,6 +6,7 @@ an existing tensor, so that allocation is not counted); every result is printed 
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -15,7 +16,7 @@ from typing import Callable
 import torch
 
 import hadakit
-from hadakit.devices import device_name
+from hadakit.devices import device_name, resolve_device
 
 POW2_SIZES = [1 << k for k in range(6, 16)]
 M_SIZES = [384, 640, 10240, 12288, 14336, 20480, 28672]
@@ -83,6 +84,63 @@ def _variants(n: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     }
 
 
+OPS = ("hadamard", "randomized", "block32", "backward")
+
+
+def resolve_settings(
+    *,
+    device: str | torch.device | None = None,
+    mib: float | None = None,
+    sizes: list[int] | None = None,
+    dtypes: list[str] | None = None,
+    ops: list[str] | None = None,
+    reps: int | None = None,
+) -> dict:
+    """The benchmark's settings, defaults filled in, every one checked before anything runs.
+
+    Raises ``ValueError`` naming the option (as the CLI spells it) and the fix: an unknown device or CUDA without a
+    GPU, ``mib`` not a positive finite number, ``reps`` < 1, an unknown dtype or op, a size < 1 or one without a
+    Hadamard matrix (the nearest supported sizes are named).
+    """
+    dev = resolve_device(device)
+    if mib is None:
+        mib = 256 if dev.type == "cuda" else 64
+    elif not (isinstance(mib, (int, float)) and math.isfinite(mib) and mib > 0):
+        raise ValueError(f"--mib must be a positive number of MiB per tensor, got {mib!r}")
+    if reps is None:
+        reps = 50 if dev.type == "cuda" else 5
+    elif isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"--reps must be a whole number of timed repetitions >= 1, got {reps!r}")
+    if dtypes is None:
+        dtypes = ["fp32", "bf16", "fp16"] if dev.type == "cuda" else ["fp32"]
+    dtypes = list(dtypes)
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        raise ValueError(f"--dtypes: unknown dtype {', '.join(map(repr, bad)) or '(none given)'}; "
+                         f"choose from {', '.join(DTYPES)}")
+    ops = list(OPS[:1] if ops is None else ops)
+    bad = [o for o in ops if o not in OPS]
+    if bad or not ops:
+        raise ValueError(f"--ops: unknown op {', '.join(map(repr, bad)) or '(none given)'}; "
+                         f"choose from {', '.join(OPS)}")
+    sizes = list(POW2_SIZES + M_SIZES if sizes is None else sizes)
+    if not sizes:
+        raise ValueError("--sizes: no transform size given; pass comma-separated sizes such as 1024,4096")
+    for n in sizes:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"--sizes: transform sizes must be positive integers, got {n!r}")
+    whole = [o for o in ops if o != "block32"]  # the ops that transform the full size n
+    if whole:
+        for n in sizes:
+            if not hadakit.supported(n):
+                near = " and ".join(str(s) for s in hadakit.nearest_supported(n) if s is not None)
+                raise ValueError(f"--sizes: size {n} has no Hadamard matrix (n = m·2^k with a known order m); "
+                                 f"nearest supported sizes: {near}")
+    elif not any(n % 32 == 0 for n in sizes):
+        raise ValueError(f"--ops block32 needs sizes divisible by 32, got {', '.join(map(str, sizes))}")
+    return dict(device=dev, mib=float(mib), sizes=sizes, dtypes=dtypes, ops=ops, reps=reps)
+
+
 def run_bench(
     *,
     device: str | torch.device | None = None,
@@ -93,13 +151,12 @@ def run_bench(
     reps: int | None = None,
     progress: Callable[[BenchResult], None] | None = None,
 ) -> dict:
-    """Run the benchmark and return ``{"device": ..., "results": [...]}`` (see module docstring)."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    mib = mib or (256 if dev.type == "cuda" else 64)
-    reps = reps or (50 if dev.type == "cuda" else 5)
-    sizes = sizes or POW2_SIZES + M_SIZES
-    dtypes = dtypes or (["fp32", "bf16", "fp16"] if dev.type == "cuda" else ["fp32"])
-    ops = ops or ["hadamard"]
+    """Run the benchmark and return ``{"device": ..., "results": [...]}`` (see module docstring).
+
+    ``None`` means the default of each setting; bad settings raise ``ValueError`` before anything runs (see
+    :func:`resolve_settings`)."""
+    cfg = resolve_settings(device=device, mib=mib, sizes=sizes, dtypes=dtypes, ops=ops, reps=reps)
+    dev, mib, sizes, dtypes, ops, reps = (cfg[k] for k in ("device", "mib", "sizes", "dtypes", "ops", "reps"))
     results = []
     for dname in dtypes:
         dtype = DTYPES[dname]

@@ -81,6 +81,10 @@ class RotationConfig:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.kind!r}")
         if self.kind == "block" and not self.block_size:
             raise ValueError("rotation 'block' needs a block_size (e.g. 32 or 128)")
+        if self.block_size is not None and (isinstance(self.block_size, bool) or not isinstance(self.block_size, int)
+                                            or self.block_size < 1):
+            raise ValueError(f"rotation block_size must be a positive integer (e.g. 32 or 128), got "
+                             f"{self.block_size!r}")
 
     def label(self) -> str:
         return f"block-{self.block_size}" if self.kind == "block" else self.kind
@@ -319,13 +323,117 @@ def get_recipe(spec: str | QuantRecipe, **overrides) -> QuantRecipe:
         rot = opts[0]
         block = None
         if rot.startswith("block-"):
-            rot, block = "block", int(rot.split("-", 1)[1])
+            rot, block = "block", _block_size(rot)
         recipe = recipe.with_options(rotation=rot, block_size=block, method=opts[1] if len(opts) > 1 else None)
         if len(opts) > 2:
             recipe = apply_options(recipe, opts[2])
         if len(opts) > 3:
             raise ValueError(f"recipe spec {spec!r}: expected name[:rotation[:method[:options]]]")
     return dataclasses.replace(recipe, **overrides) if overrides else recipe
+
+
+def check_recipe_for_model(recipe: QuantRecipe, model) -> None:
+    """Raise ``ValueError`` before any work if ``recipe``'s rotation cannot be built for a linear of ``model`` it
+    would quantize: a ``block-N`` size that does not divide the linear's input size, or (with ``fallback=None``) an
+    input size without a Hadamard matrix. The linears are those :func:`hadakit.models.pipeline.find_linears` picks
+    (every ``nn.Linear`` / ``Conv1D`` outside ``recipe.skip``), and only when the recipe replaces linears at all;
+    returns ``None`` when every one is fine. Builds nothing: only the transform plans are looked up."""
+    from math import gcd
+
+    from hadakit.models.pipeline import find_linears, linear_weight
+    from hadakit.transforms import transform_plan
+    from hadakit.transforms.plan import largest_supported_divisor
+
+    rot = recipe.rotation
+    if not recipe.quantizes_linears or rot.kind == "none":
+        return
+    sizes = {name: linear_weight(mod).shape[1] for name, mod in find_linears(model, recipe)[0].items()}
+    if rot.kind == "block":
+        bad = {name: n for name, n in sizes.items() if n % rot.block_size}
+        if bad:
+            g = 0
+            for n in sizes.values():
+                g = gcd(g, n)
+            shown = ", ".join(f"{name}: {n}" for name, n in list(bad.items())[:3]) + \
+                (f", and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise ValueError(f"recipe {recipe.label()!r}: block size {rot.block_size} does not divide the input size "
+                             f"of {len(bad)} linear(s) it would quantize ({shown}); use a block size that divides "
+                             f"them all, e.g. block-{largest_supported_divisor(g)}")
+    block = rot.block_size if rot.kind == "block" else None
+    checked: set[int] = set()
+    for name, n in sizes.items():  # the same plan make_rotation looks up for each layer
+        if n in checked:
+            continue
+        checked.add(n)
+        try:
+            transform_plan(n, block_size=block, fallback=rot.fallback)
+        except ValueError as exc:
+            raise ValueError(f"recipe {recipe.label()!r}, layer {name}: {exc}") from None
+
+
+def _block_size(rotation: str) -> int:
+    """The block size of a ``block-N`` rotation: a positive integer with a Hadamard matrix, checked here, before
+    any model is loaded or layer is quantized."""
+    from hadakit.transforms.plan import nearest_supported, supported
+
+    text = rotation.split("-", 1)[1]
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"rotation {rotation!r}: the block size must be a whole number, as in block-32 or "
+                         f"block-128; got {text!r}") from None
+    if n < 1:
+        raise ValueError(f"rotation {rotation!r}: the block size must be a positive integer, as in block-32 or "
+                         f"block-128")
+    if not supported(n):
+        near = ", ".join(str(c) for c in nearest_supported(n) if c is not None)
+        raise ValueError(f"rotation {rotation!r}: no Hadamard matrix of size {n} is known to hadakit (sizes are "
+                         f"m·2^k with a known order m); nearest supported block sizes: {near}")
+    return n
+
+
+def _whole_number(key: str, value: str | None, lo: int, example: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = None
+    if n is None or n < lo:
+        raise ValueError(f"recipe option {key}= needs a whole number >= {lo} (e.g. {key}={example}), got "
+                         f"{value!r}")
+    return n
+
+
+_FLAGS = ("wclip", "fusevo", "actorder", "seq", "kvclip", "kvcenter")  # options that take no value
+_GPTQ_ONLY = ("actorder", "refit", "fptarget", "seq")  # options that only change what GPTQ does
+
+
+def _check_option_use(recipe: QuantRecipe, changes: dict, given: list[str]) -> None:
+    """Refuse options (keys ``given``) that would do nothing for ``recipe`` with ``changes`` applied (its method,
+    its quantized tensors); checked before the recipe is built, so that its own checks do not answer first."""
+    def get(name):
+        return changes.get(name, getattr(recipe, name))
+
+    fits = get("smooth") is not None or get("act_clip") == "search" or bool(get("learned"))  # see fits_options
+    for key in given:
+        if key in _GPTQ_ONLY:
+            if key == "seq" and fits:
+                continue  # true-sequential inputs for the options fitted per linear: used by RTN too
+            if recipe.method != "gptq":
+                extra = ", fit an option per linear with it (smooth, aclip=search, learn)," if key == "seq" else ""
+                raise ValueError(f"recipe option {key} changes how GPTQ quantizes the weights: it does nothing with "
+                                 f"method {recipe.method!r}; use method gptq (NAME:ROTATION:gptq:{key}){extra} or "
+                                 f"leave it out")
+            if recipe.weight is None:
+                raise ValueError(f"recipe option {key} changes how GPTQ quantizes the weights: recipe "
+                                 f"{recipe.name!r} quantizes no weights; leave it out")
+        elif key == "wclip" and recipe.weight is None:
+            raise ValueError(f"recipe option wclip clips the weights: recipe {recipe.name!r} quantizes no weights; "
+                             f"leave it out")
+        elif key == "steps" and not get("learned"):
+            raise ValueError("recipe option steps= sets the optimization steps of a learned transform: it does "
+                             "nothing without learn= (e.g. learn=affine,steps=40)")
+        elif key == "sinks" and recipe.kv is None:
+            raise ValueError(f"recipe option sinks: recipe {recipe.name!r} has no KV quantization")
 
 
 def _number_or_search(key: str, value: str | None):
@@ -340,9 +448,14 @@ def _number_or_search(key: str, value: str | None):
 def apply_options(recipe: QuantRecipe, options: str) -> QuantRecipe:
     """Apply a comma-separated option string (see the module docstring) to ``recipe``."""
     changes: dict = {}
+    given: list[str] = []
     for item in filter(None, (o.strip() for o in options.split(","))):
         key, _, value = item.partition("=")
         value = value or None
+        given.append(key)
+        if key in _FLAGS and value is not None:
+            raise ValueError(f"recipe option {key} takes no value (write {key!r} to turn it on, or leave it out), "
+                             f"got {item!r}")
         if key == "smooth":
             changes["smooth"] = _number_or_search(key, value)
         elif key == "aclip":
@@ -352,22 +465,33 @@ def apply_options(recipe: QuantRecipe, options: str) -> QuantRecipe:
         elif key == "learn":
             changes["learned"] = value or "affine"
         elif key == "steps":
-            changes["learn_steps"] = int(value)
+            changes["learn_steps"] = _whole_number(key, value, 1, "40")
         elif key == "fusevo":
             changes["fuse_values"] = True
         elif key == "actorder":
             changes["gptq"] = dataclasses.replace(changes.get("gptq", recipe.gptq), act_order=True)
         elif key == "refit":
-            changes["gptq"] = dataclasses.replace(changes.get("gptq", recipe.gptq), refit=int(value or 1))
+            refit = 1 if value is None else _whole_number(key, value, 1, "2")
+            changes["gptq"] = dataclasses.replace(changes.get("gptq", recipe.gptq), refit=refit)
         elif key == "seq":
             changes["sequential"] = True
         elif key == "fptarget":
-            changes["fp_target"] = FP_TARGET_STRENGTH if value is None else float(value)
+            try:
+                strength = FP_TARGET_STRENGTH if value is None else float(value)
+            except ValueError:
+                strength = None
+            if strength is None or not 0.0 < strength <= 1.0:
+                raise ValueError(f"recipe option fptarget= needs a strength in (0, 1] (or no value: "
+                                 f"{FP_TARGET_STRENGTH:g}), got {value!r}")
+            changes["fp_target"] = strength
             changes["sequential"] = True
         elif key == "store":
+            if value is None:
+                raise ValueError("recipe option store= needs the dtype of the unquantized tensors: store=bf16 or "
+                                 "store=fp16")
             changes["store_dtype"] = value
         elif key == "sinks":
-            changes["kv_sink_tokens"] = int(value)
+            changes["kv_sink_tokens"] = _whole_number(key, value, 0, "4")
         elif key == "kvcenter":
             if recipe.kv is None:
                 raise ValueError(f"recipe option kvcenter: recipe {recipe.name!r} has no KV quantization")
@@ -378,10 +502,11 @@ def apply_options(recipe: QuantRecipe, options: str) -> QuantRecipe:
             from hadakit.formats import get_scheme
 
             kv = get_scheme(changes.get("kv", recipe.kv))
-            kv = kv.replace(granularity="group", group_size=int(value)) if key == "kvgroup" else \
-                kv.replace(clip_search=True)
+            kv = kv.replace(granularity="group", group_size=_whole_number(key, value, 1, "64")) \
+                if key == "kvgroup" else kv.replace(clip_search=True)
             changes["kv"] = kv.to_dict()
         else:
             raise ValueError(f"unknown recipe option {key!r}; known: smooth, aclip, wclip, actorder, refit, seq, "
                              f"fptarget, store, fusevo, learn, steps, sinks, kvgroup, kvclip, kvcenter")
+    _check_option_use(recipe, changes, given)
     return dataclasses.replace(recipe, **changes)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hadakit.devices import device_name, slug
+from hadakit.devices import device_name, resolve_device, slug
 
 from .layers import convert
 from .recipe import get_training_recipe, list_training_recipes
@@ -63,6 +63,35 @@ class DemoConfig:
     final_eval_windows: int = 256  # windows of the final validation (evenly spaced over the held-out play)
     val_play: str = "hamlet"
     quantize_lm_head: bool = False
+
+    def __post_init__(self):
+        # Checked here, so that a bad setting is refused before any data is loaded or step is run. Messages name the
+        # field as run_demo takes it and as the command line spells it.
+        def flag(name):
+            return f"{name} (--{name.replace('_', '-')})"
+
+        for name in ("n_layer", "d_model", "n_head", "context", "batch", "steps", "eval_every", "eval_windows",
+                     "final_eval_windows"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{flag(name)} must be a whole number >= 1, got {v!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a whole number of steps >= 0, got {self.warmup!r}")
+        if self.d_model % self.n_head:
+            near = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0]
+            near = sorted(near, key=lambda h: (abs(h - self.n_head), h))[:2]
+            raise ValueError(f"d_model (--d-model {self.d_model}) must be divisible by n_head (--n-head "
+                             f"{self.n_head}): every head gets d_model / n_head channels; use --n-head "
+                             f"{' or '.join(map(str, sorted(near)))}, or a --d-model that {self.n_head} divides")
+        for name, lo, hi, lo_open in (("lr", 0.0, math.inf, True), ("min_lr_ratio", 0.0, 1.0, False),
+                                      ("weight_decay", 0.0, math.inf, False), ("grad_clip", 0.0, math.inf, False)):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
+                (v > lo if lo_open else v >= lo) and v <= hi
+            if not ok:
+                want = "a finite number > 0" if lo_open else f"a finite number in [{lo:g}, {hi:g}]" \
+                    if math.isfinite(hi) else f"a finite number >= {lo:g}"
+                raise ValueError(f"{flag(name) if name == 'lr' else name} must be {want}, got {v!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -310,7 +339,7 @@ def run_demo(recipes=DEFAULT_RECIPES, steps: int | None = None, out: str | Path 
         recipes: recipe names (or a comma-separated string); each must be in ``list_training_recipes()``.
         steps: training steps per recipe (default: ``DemoConfig.steps``).
         out: output folder (``None``: write nothing); files are named ``shakespeare_<device>.{json,png}``.
-        device: ``"cpu"`` / ``"cuda"`` (default: CUDA if available).
+        device: ``"cpu"`` / ``"cuda"`` (default: CUDA if available); checked by ``hadakit.devices.resolve_device``.
         threads: ``torch.set_num_threads`` for the run (CPU).
         config: a :class:`DemoConfig`; ``overrides`` replace its fields (``d_model=64``, ``n_layer=2``, ...).
 
@@ -334,9 +363,13 @@ def run_demo(recipes=DEFAULT_RECIPES, steps: int | None = None, out: str | Path 
             raise ValueError(f"run_demo: unknown settings {sorted(bad)}; DemoConfig fields: "
                              f"{', '.join(f.name for f in dataclasses.fields(DemoConfig))}")
         cfg = dataclasses.replace(cfg, **overrides)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads (--threads) must be a whole number >= 1, got {threads!r}")
+    dev = resolve_device(device)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"out (--out) {str(out)!r} is a file, not a folder: pass a folder for the JSON and PNG")
     if threads:
-        torch.set_num_threads(int(threads))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.set_num_threads(threads)
     train_text, val_text, plays = load_shakespeare(cfg.val_play)
     data = CharData(train_text, val_text)
     dname = device_name(dev)
