@@ -59,8 +59,6 @@ def _split(text: str | None) -> list[str]:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    import torch
-
     from hadakit.analysis import inspect_model, parse_rotation, resolve_scheme
     from hadakit.analysis.report import headline, write_report
 
@@ -84,12 +82,14 @@ def run_inspect(args: argparse.Namespace) -> int:
         text = read_text(args.text)
     except IsADirectoryError as error:
         raise ValueError(str(error)) from None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from hadakit.devices import resolve_device
+
+    device = resolve_device(args.device)
     t0 = time.perf_counter()
     _log(f"loading {args.model or 'the built-in Gemma 3 270M (GGUF)'}")
     model, tokenizer = load_model(args.model, device=device)
     if tokenizer is None:
-        raise ValueError(f"{args.model!r} has no tokenizer; inspect needs one to turn --text into tokens")
+        raise ValueError(f"no tokenizer files in {args.model}: inspect needs a tokenizer to turn --text into tokens")
     model_name = str(args.model or "gemma-3-270m (Q4_K_M GGUF, dequantized to fp32)")
     _log(f"loaded in {time.perf_counter() - t0:.0f} s")
     add_bos = getattr(tokenizer, "bos_token_id", None) is not None

@@ -10,24 +10,34 @@ from pathlib import Path
 
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.split(",") if t]
+        values = [int(t) for t in text.split(",") if t.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r} (no number in it)")
+    return values
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from hadakit.cli import bench
     from hadakit.devices import slug
 
+    def names(text):  # "fp32, bf16" -> ["fp32", "bf16"]; "" / "," -> [] (refused by the checks)
+        return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+    settings = dict(device=args.device, mib=args.mib, sizes=args.sizes, dtypes=names(args.dtypes),
+                    ops=names(args.ops), reps=args.reps)
+    bench.resolve_settings(**settings)  # every setting checked before anything runs or is printed
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a folder: pass a folder for the JSON and PNG")
+
     print(bench.HEADER, flush=True)
 
     def show(res):
         print(bench.format_row(res), flush=True)
 
-    report = bench.run_bench(device=args.device, mib=args.mib, sizes=args.sizes,
-                             dtypes=args.dtypes.split(",") if args.dtypes else None,
-                             ops=args.ops.split(",") if args.ops else None, reps=args.reps, progress=show)
-    out_dir = Path(args.out)
+    report = bench.run_bench(**settings, progress=show)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = slug(report["device"])
     json_path = out_dir / f"{stem}.json"
@@ -81,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as exc:
         print(f"hadakit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

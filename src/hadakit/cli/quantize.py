@@ -9,6 +9,17 @@ import time
 from pathlib import Path
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 and negatives are refused, never replaced by a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (>= 1), got {value}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="local Hugging Face model directory or .gguf file (default: the built-in Gemma 3 270M)")
@@ -21,13 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --compare: the calibrated options (smoothing, clipping, learned transforms, KV) on "
                         "and off on the 4-bit recipes (slow: about 1.5 h on a 2-core CPU)")
     p.add_argument("--text", default="hamlet", help="evaluation text: built-in play name or a text file")
-    p.add_argument("--windows", type=int, default=8, help="evaluation windows")
-    p.add_argument("--window-len", type=int, default=512, help="tokens per evaluation window (BOS added)")
+    p.add_argument("--windows", type=positive_int, default=8, help="evaluation windows")
+    p.add_argument("--window-len", type=positive_int, default=512, help="tokens per evaluation window (BOS added)")
     p.add_argument("--also-eval", action="append", default=None, metavar="TEXT",
                    help="a second held-out text (play name or file) scored with the same windows; repeatable")
     p.add_argument("--calib-text", default="lear", help="calibration text (never the evaluation text)")
-    p.add_argument("--calib-windows", type=int, default=None, help="calibration windows for GPTQ")
-    p.add_argument("--calib-len", type=int, default=None, help="tokens per calibration window")
+    p.add_argument("--calib-windows", type=positive_int, default=None, help="calibration windows for GPTQ")
+    p.add_argument("--calib-len", type=positive_int, default=None, help="tokens per calibration window")
     p.add_argument("--out", default=None, help="write the quantized model as a packed checkpoint here")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     p.add_argument("--results", default="hadakit-results", help="folder for the comparison JSON and Markdown")
@@ -43,14 +54,14 @@ def _log(msg: str) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    import torch
-
+    from hadakit.devices import resolve_device
     from hadakit.models import TextWindows, load_model
+    from hadakit.models.checkpoint import check_checkpoint_dir
     from hadakit.models.compare import (ABLATION_RECIPES, FULL_RECIPES, QUICK_CALIB_WINDOWS, QUICK_RECIPES,
                                         run_comparison)
+    from hadakit.models.data import read_text
+    from hadakit.models.recipes import check_recipe_for_model, get_recipe
 
-    if args.out and Path(args.out).exists() and not args.force:
-        raise FileExistsError(f"output directory {args.out} already exists; pass --force to replace it")
     if args.out and args.compare:
         raise ValueError("--out saves one quantized model: use it with a single --recipe, not --compare")
     if args.full and args.ablation:
@@ -59,12 +70,19 @@ def run_quantize(args: argparse.Namespace) -> int:
     recipes = args.recipe or (list(default_list) if args.compare else ["w4a4:random:gptq"])
     if not args.compare and len(recipes) > 1:
         raise ValueError("several --recipe values need --compare")
+    # Every argument is checked before anything is loaded: a typo must not cost a model load or an FP evaluation.
+    parsed = {r: get_recipe(r) for r in recipes if r != "fp"}
+    device = resolve_device(args.device)
+    if args.out:
+        check_checkpoint_dir(args.out, force=args.force)
+    _check_results_dir(args.results)
     calib_windows = args.calib_windows
     if calib_windows is None and args.compare and not (args.full or args.ablation) and not args.recipe:
         calib_windows = QUICK_CALIB_WINDOWS
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.cosine:
         return _run_cosine(args, device)
+    for text in (args.text, args.calib_text, *(args.also_eval or ())):
+        read_text(text)  # a missing or empty text file fails now, with the file's name
     eval_windows = TextWindows(text=args.text, window=args.window_len, n_windows=args.windows)
     extra_eval = tuple(TextWindows(text=t, window=args.window_len, n_windows=args.windows)
                        for t in (args.also_eval or ()))
@@ -73,6 +91,12 @@ def run_quantize(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device=device)
     model_name = str(args.model or "gemma-3-270m (Q4_K_M GGUF, dequantized to fp32)")
     _log(f"loaded in {time.perf_counter() - t0:.0f} s")
+    if tokenizer is None:
+        raise ValueError(f"no tokenizer files in {args.model}: the evaluation and calibration texts cannot be "
+                         f"tokenized; copy the model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) "
+                         f"into it")
+    for recipe in parsed.values():
+        check_recipe_for_model(recipe, model)
 
     from hadakit.models.compare import CompareResult, save_plot, save_tradeoff_plot
 
@@ -107,16 +131,64 @@ def run_quantize(args: argparse.Namespace) -> int:
           + f" (total {time.perf_counter() - t0:.0f} s)")
     if args.out:
         from hadakit.models.checkpoint import checkpoint_size_bytes, save_quantized_model
-        from hadakit.models.recipes import get_recipe
 
         row = result.rows[-1]
-        path = save_quantized_model(result.last_model, tokenizer, get_recipe(recipes[0]), args.out, force=args.force,
-                                    extra=dict(eval=eval_windows.to_dict(), ppl=row.ppl, source=model_name))
+        path = save_quantized_model(result.last_model, tokenizer, parsed[recipes[0]], args.out, force=args.force,
+                                    extra=dict(eval=eval_record(eval_windows), ppl=row.ppl, source=model_name))
         print(f"saved {path} ({checkpoint_size_bytes(path) / 1e6:.1f} MB); reproduce with: hadakit eval {path}")
     return 0
 
 
-def _run_cosine(args: argparse.Namespace, device: str) -> int:
+def _check_results_dir(path: str) -> None:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"--results {path} is a file, not a folder: pass a folder for the comparison JSON and PNG")
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def eval_record(windows) -> dict:
+    """What ``hadakit eval`` needs to rebuild ``windows`` from any directory: a built-in text by its name, a file by
+    its absolute path and the SHA-256 of its content."""
+    from hadakit.models.data import _resolve, builtin_texts
+
+    record = windows.to_dict()
+    path = _resolve(windows.text)
+    if path not in builtin_texts().values():
+        record["text"] = str(path.resolve())
+        record["text_sha256"] = _file_sha256(path)
+    return record
+
+
+def eval_windows_from_record(record: dict, checkpoint: Path):
+    """Inverse of :func:`eval_record`, with a named error when the text file is gone or changed."""
+    from hadakit.models import TextWindows
+
+    record = dict(record)
+    digest = record.pop("text_sha256", None)
+    if digest is not None:
+        path = Path(record["text"])
+        if not path.is_file():
+            raise FileNotFoundError(f"{checkpoint} was evaluated on the text file {path}, which no longer exists: "
+                                    f"restore it, or pass --text to evaluate on another text")
+        if _file_sha256(path) != digest:
+            raise ValueError(f"{checkpoint} was evaluated on the text file {path}, which has changed since (its "
+                             f"SHA-256 differs): restore it, or pass --text to evaluate on another text")
+    elif Path(record["text"]).suffix and not Path(record["text"]).is_absolute():
+        # a checkpoint from an older hadakit, which stored the path as the user typed it
+        path = Path(record["text"])
+        if not path.is_file():
+            raise FileNotFoundError(f"{checkpoint} was evaluated on the text file {record['text']!r} (a relative "
+                                    f"path, saved by an older hadakit), which is not found from {Path.cwd()}: run "
+                                    f"from the directory it was saved in, or pass --text")
+    return TextWindows(**record)
+
+
+def _run_cosine(args: argparse.Namespace, device) -> int:
     from hadakit.models import load_model
     from hadakit.models.compare import ENCODER_RECIPES, embedding_markdown, run_embedding_comparison
 
@@ -139,19 +211,22 @@ def _run_cosine(args: argparse.Namespace, device: str) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import torch
-
+    from hadakit.devices import resolve_device
     from hadakit.models import TextWindows, perplexity
-    from hadakit.models.checkpoint import load_quantized_model
+    from hadakit.models.checkpoint import load_quantized_model, read_checkpoint_meta
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     path = Path(args.checkpoint)
-    model, tokenizer = load_quantized_model(path, device=device)
-    meta = json.loads((path / "hadakit.json").read_text())
+    meta, _ = read_checkpoint_meta(path)  # a file, a missing or an edited checkpoint fails before the load
     saved = meta.get("eval")
-    windows = TextWindows(**saved) if saved and args.text is None else TextWindows(text=args.text or "hamlet")
+    if saved and args.text is None:
+        windows = eval_windows_from_record(saved, path)
+    else:
+        windows = TextWindows(text=args.text or "hamlet")
+    model, tokenizer = load_quantized_model(path, device=device)
     if tokenizer is None:
-        raise ValueError(f"{path} holds no tokenizer: cannot build evaluation windows")
+        raise ValueError(f"no tokenizer files in {path}: cannot build evaluation windows (copy the model's tokenizer "
+                         f"files into the checkpoint)")
     ppl = perplexity(model, windows.build(tokenizer).to(device), progress=True)
     print(f"{path}: PPL {ppl:.4f} on {windows.n_windows}×{windows.window} tokens of {windows.text}")
     if saved and args.text is None and meta.get("ppl") is not None:

@@ -6,16 +6,18 @@ A checkpoint directory holds ``config.json`` and the tokenizer (transformers' ow
 ``QuantizedTensor.state_dict`` lays them out), its bias and rotation signs; every other tensor as it is in the model
 (parameters that bfloat16 or float16 holds exactly, e.g. after ``store=bf16``, in that dtype).
 The size on disk is the real compressed size. Writing goes to a temporary sibling directory that is renamed into
-place at the end, so an interrupted save leaves nothing half-written, and an existing directory is only replaced
-with ``force=True``.
+place at the end, so an interrupted save leaves nothing half-written; an existing directory is only replaced with
+``force=True`` and only when it is a hadakit checkpoint (see :mod:`hadakit.outdir`).
+
+Loading never runs code from the checkpoint (``trust_remote_code=False``; the model class named in ``hadakit.json``
+must be one of transformers' own model classes) and verifies it: ``recipe.json`` must be the file that was saved
+(its SHA-256 is in ``hadakit.json``) and must agree with the stored tensors' own formats.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from torch import nn
 from hadakit.formats import QuantizedTensor, get_scheme
 from hadakit.models.qlinear import RotatedQuantLinear
 from hadakit.models.recipes import QuantRecipe
+from hadakit.outdir import check_output_dir, write_dir_atomically
 from hadakit.transforms.kronecker import KroneckerTransform
 from hadakit.transforms.rotations import HeadMixRotation
 
@@ -114,33 +117,49 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _is_checkpoint_meta(path: Path) -> bool:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format_version" in meta and "linears" in meta
+
+
+def check_checkpoint_dir(out_dir: str | Path, *, force: bool = False) -> Path:
+    """Raise before any work when ``out_dir`` cannot take a checkpoint: it is a file, the working directory or a
+    parent of it, an existing directory without ``force``, an existing directory that is not a hadakit checkpoint
+    (``force`` never replaces those), or its parent is not writable. Returns it as a ``Path``."""
+    return check_output_dir(out_dir, force=force, marker=_META, is_ours=_is_checkpoint_meta, what="checkpoint")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _recipe_bytes(recipe: QuantRecipe) -> bytes:
+    return (json.dumps(recipe.to_dict(), indent=1) + "\n").encode("utf-8")
+
+
 def save_quantized_model(model: nn.Module, tokenizer: Any, recipe: QuantRecipe, out_dir: str | Path, *,
                          force: bool = False, extra: dict | None = None) -> Path:
     """Write ``model`` (after ``quantize_model``) to ``out_dir``; see the module docstring."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise FileExistsError(f"output directory {out} already exists; pass force=True (--force) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    recipe_bytes = _recipe_bytes(recipe)
+
+    def write(tmp: Path) -> None:
         tensors, linears, tied = checkpoint_tensors(model)
         save_file(tensors, str(tmp / _WEIGHTS))
         _prepare_config(model).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        recipe.save(tmp / _RECIPE)
+        (tmp / _RECIPE).write_bytes(recipe_bytes)
         meta = dict(format_version=FORMAT_VERSION, model_class=type(model).__name__, linears=linears, tied=tied,
-                    **(extra or {}))
+                    recipe_sha256=_sha256(recipe_bytes), **(extra or {}))
         (tmp / _META).write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_dir_atomically(out_dir, write, force=force, marker=_META, is_ours=_is_checkpoint_meta,
+                                what="checkpoint")
 
 
 def checkpoint_size_bytes(path: str | Path) -> int:
@@ -165,30 +184,97 @@ def _build_rotation(meta: dict | None, signs: torch.Tensor | None):
     return rot
 
 
-def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """Load a checkpoint written by ``save_quantized_model``: an ordinary transformers model (same ``forward``,
-    returns logits) whose quantized linears are ``RotatedQuantLinear`` modules, and its tokenizer."""
-    import transformers
-    from safetensors.torch import load_file
+_FORMAT_FIELDS = ("element", "granularity", "group_size", "scale_format", "symmetric", "int_range", "tensor_scale")
 
-    from hadakit.models.kv_cache import K_CENTER, V_CENTER, install_kv_quantization
 
-    root = Path(path)
+def _format_of(scheme) -> dict:
+    d = scheme.to_dict()
+    return {k: d.get(k) for k in _FORMAT_FIELDS}
+
+
+def _check_stored_scheme(root: Path, name: str, stored, recipe: QuantRecipe) -> None:
+    """The format a packed weight was stored in must be the recipe's weight format (``recipe.json`` edited to claim
+    another format is an error, not a checkpoint that evaluates as something it is not)."""
+    expected = recipe.weight_scheme()
+    if expected is None:
+        raise ValueError(f"{root}: {_RECIPE} says the weights are not quantized, but {name} is stored packed "
+                         f"({stored.describe()}): the recipe file does not belong to these tensors")
+    a, b = _format_of(stored), _format_of(expected)
+    if a != b:
+        diff = ", ".join(f"{k} {a[k]!r} stored vs {b[k]!r} in {_RECIPE}" for k in _FORMAT_FIELDS if a[k] != b[k])
+        raise ValueError(f"{root}: {_RECIPE} does not match the stored weights of {name} ({diff}): the recipe file "
+                         f"was edited or belongs to another checkpoint")
+
+
+def _check_act_scheme(root: Path, name: str, stored, recipe: QuantRecipe) -> None:
+    expected = recipe.act_scheme()
+    if (stored is None) != (expected is None) or (
+            stored is not None and _format_of(stored) != _format_of(expected)):
+        said = expected.describe() if expected is not None else "none"
+        raise ValueError(f"{root}: {_RECIPE} says the activations are quantized as {said}, but {name} was saved "
+                         f"with {stored.describe() if stored is not None else 'none'}: the recipe file was edited "
+                         f"or belongs to another checkpoint")
+
+
+def read_checkpoint_meta(root: str | Path) -> tuple[dict, QuantRecipe]:
+    """``(hadakit.json as a dict, the recipe)`` of checkpoint directory ``root``, verified: every file present,
+    both JSON files readable, the recipe file unchanged since the save (its SHA-256 is in ``hadakit.json``).
+    Raises ``FileNotFoundError`` / ``NotADirectoryError`` / ``ValueError`` naming the file and the problem."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{root} is a file, not a checkpoint directory (pass the directory written by "
+                                 f"`hadakit quantize ... --out DIR`)")
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint directory {root} does not exist")
     for f in (_META, _RECIPE, _WEIGHTS, "config.json"):
         if not (root / f).is_file():
             raise ValueError(f"{root} is not a hadakit checkpoint: {f} is missing (write one with "
                              f"`hadakit quantize ... --out DIR`)")
-    meta = json.loads((root / _META).read_text())
+    meta_path = root / _META
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{meta_path} is not readable JSON ({exc}): the checkpoint is corrupt") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} does not hold a JSON object: the checkpoint is corrupt")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{root}: checkpoint format {meta.get('format_version')} is not supported "
+        raise ValueError(f"{meta_path}: checkpoint format {meta.get('format_version')!r} is not supported "
                          f"(this hadakit reads format {FORMAT_VERSION})")
-    recipe = QuantRecipe.load(root / _RECIPE)
-    config = transformers.AutoConfig.from_pretrained(root)
-    cls = getattr(transformers, meta["model_class"], None)
+    linears = meta.get("linears")
+    needed = ("in_features", "out_features", "rotation", "act_scheme", "packed")
+    if not isinstance(linears, dict) or not isinstance(meta.get("model_class"), str) or any(
+            not isinstance(v, dict) or any(k not in v for k in needed) for v in linears.values()):
+        raise ValueError(f"{meta_path} lacks model_class or a complete 'linears' table: the checkpoint is corrupt")
+    recipe_path = root / _RECIPE
+    data = recipe_path.read_bytes()
+    stored_hash = meta.get("recipe_sha256")
+    if stored_hash is not None and _sha256(data) != stored_hash:
+        raise ValueError(f"{recipe_path} was changed after the checkpoint was saved (its SHA-256 is not the one in "
+                         f"{_META}): restore the original file; the recipe must describe the stored tensors")
+    try:
+        recipe = QuantRecipe.from_dict(json.loads(data.decode("utf-8")))
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{recipe_path} is not a valid hadakit recipe ({exc}): the checkpoint is corrupt") from None
+    return meta, recipe
+
+
+def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """Load a checkpoint written by ``save_quantized_model``: an ordinary transformers model (same ``forward``,
+    returns logits) whose quantized linears are ``RotatedQuantLinear`` modules, and its tokenizer."""
+    from safetensors.torch import load_file
+
+    from hadakit.models.kv_cache import K_CENTER, V_CENTER, install_kv_quantization
+    from hadakit.models.loading import load_config, model_class_by_name
+
+    root = Path(path)
+    meta, recipe = read_checkpoint_meta(root)
+    config = load_config(root)
+    cls = model_class_by_name(meta["model_class"], f"{str(root / _META)!r} (model_class)")
     if cls is None:
-        raise ValueError(f"{root}: model class {meta['model_class']} is not in this transformers version")
+        import transformers
+
+        raise ValueError(f"{root / _META} names the model class {meta['model_class']!r}, but transformers "
+                         f"{transformers.__version__} has no model class of that name")
     from transformers.initialization import no_init_weights
 
     with no_init_weights():  # every tensor is overwritten from the checkpoint: skip the random init
@@ -202,6 +288,7 @@ def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu"
         prefix = f"{name}.qweight."
         if lm["packed"]:
             packed = QuantizedTensor.from_state_dict(state, prefix)
+            _check_stored_scheme(root, name, packed.scheme, recipe)
             for k in [k for k in state if k.startswith(prefix)]:
                 del state[k]
             weight = packed.dequantize(torch.float32)
@@ -210,6 +297,7 @@ def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu"
         bias = state.pop(f"{name}.bias", None)
         rotation = _build_rotation(lm["rotation"], state.pop(f"{name}.rotation.signs", None))
         act = get_scheme(lm["act_scheme"]) if lm["act_scheme"] is not None else None
+        _check_act_scheme(root, name, act, recipe)
         smooth = state.pop(f"{name}.smooth") if lm.get("smooth") else None
         transform = None
         if lm.get("transform"):
@@ -235,9 +323,8 @@ def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu"
         for key, center in centers.items():
             owner, _, buf = key.rpartition(".")
             model.get_submodule(owner).register_buffer(buf, center.to(device))
-    tokenizer = None
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(root)
-    except Exception:  # a checkpoint saved without a tokenizer still loads
-        pass
+    from hadakit.models.loading import load_tokenizer, tokenizer_files
+
+    # a checkpoint saved without a tokenizer still loads (tokenizer None)
+    tokenizer = load_tokenizer(root) if tokenizer_files(root) else None
     return model, tokenizer

@@ -8,7 +8,10 @@ environment variable replaces ``~/.cache/hadakit``); the next load of the same f
 directory in a few seconds and gives bit-identical logits. The cache is written to a temporary directory and renamed
 into place, so a killed run never leaves a half-written cache entry.
 
-Nothing here touches the network: every transformers call is made with ``local_files_only=True``.
+Nothing here touches the network and nothing here runs code from a model directory: every transformers call is
+made with ``local_files_only=True`` and ``trust_remote_code=False`` (a ``config.json`` whose ``auto_map`` points at
+Python files in the directory is refused, not imported), and class names read from files are resolved only to
+transformers' own ``PreTrainedModel`` subclasses.
 """
 
 from __future__ import annotations
@@ -34,7 +37,15 @@ __all__ = [
     "gguf_architecture",
     "gguf_cache_dir",
     "load_model",
+    "model_class_by_name",
+    "tokenizer_files",
 ]
+
+# Passed to every transformers ``from_pretrained``: no hub, and never import Python code from a model directory.
+HF_SAFE = {"local_files_only": True, "trust_remote_code": False}
+# A tokenizer is loaded only from a directory that holds one of these (else transformers may build an empty one).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.txt",
+                    "vocab.json", "sentencepiece.bpe.model")
 
 _ACCEPTED = (
     "a local Hugging Face model directory (config.json plus *.safetensors or pytorch_model.bin weights), "
@@ -42,7 +53,7 @@ _ACCEPTED = (
 )
 _WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
 _CACHE_MARKER = "hadakit_cache.json"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: the marker lists every file with its size
 _STALE_TMP_S = 6 * 3600
 
 
@@ -84,8 +95,30 @@ def gguf_cache_dir(path: str | Path) -> Path:
     return cache_root() / f"{path.stem}-{_sha256(path)[:16]}"
 
 
+def _cache_problem(directory: Path) -> str | None:
+    """Why the cache entry ``directory`` cannot be used (``None`` when it is complete): its marker lists every file
+    with its size, so a truncated or deleted file is found before anything reads it."""
+    marker = directory / _CACHE_MARKER
+    if not marker.is_file():
+        return "it has no marker file (an interrupted write?)"
+    try:
+        info = json.loads(marker.read_text())
+        files = info["files"]
+        if info.get("format") != _CACHE_FORMAT or not isinstance(files, dict) or not files:
+            raise KeyError("format")
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its marker {_CACHE_MARKER} is unreadable or from an older hadakit"
+    for name, size in files.items():
+        f = directory / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
 def _cache_complete(directory: Path) -> bool:
-    return (directory / _CACHE_MARKER).is_file() and (directory / "config.json").is_file()
+    return _cache_problem(directory) is None
 
 
 def _clean_stale_tmp(root: Path) -> None:
@@ -288,12 +321,32 @@ def _check_hf_dir(path: Path) -> None:
         )
 
 
+def model_class_by_name(name: Any, where: str) -> Any:
+    """The transformers model class called ``name`` (read from ``where``, a file), or ``None`` when this
+    transformers has none. Only ``PreTrainedModel`` subclasses are returned: a name read from a file never resolves
+    to an arbitrary attribute of the package. Raises ``ValueError`` for a name that is not a model class."""
+    import transformers
+
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"{where} names the model class {name!r}, which is not a class name")
+    try:
+        cls = getattr(transformers, name, None)
+    except Exception:  # transformers' lazy module raises for names it lists but cannot import
+        cls = None
+    if cls is None:
+        return None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"{where} names {name!r} as its model class, but transformers.{name} is not a model class "
+                         f"(a PreTrainedModel subclass); the file is corrupt or was edited")
+    return cls
+
+
 def _model_class(path: Path, config: Any) -> Any:
     import transformers
     from transformers import AutoModel, AutoModelForCausalLM
 
     for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
+        cls = model_class_by_name(name, f"{str(path / 'config.json')!r} (architectures)")
         if cls is not None:
             return cls
     if type(config) in AutoModelForCausalLM._model_mapping:
@@ -308,29 +361,80 @@ def _model_class(path: Path, config: Any) -> Any:
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
-
     _check_hf_dir(path)
+    config = load_config(path)
+    cls = _model_class(path, config)
     try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (ValueError, KeyError) as error:
-        try:
-            model_type = json.loads((path / "config.json").read_text()).get("model_type", "?")
-        except (OSError, ValueError):
-            model_type = "?"
+        model, info = cls.from_pretrained(str(path), config=config, dtype=dtype, output_loading_info=True, **HF_SAFE)
+    except Exception as error:
+        if type(error).__name__ == "SafetensorError" or isinstance(error, (OSError, EOFError)):
+            raise ValueError(f"the weights in {str(path)!r} could not be read ({error}): a file is corrupt or "
+                             f"truncated; copy the model directory again") from None
+        raise
+    _check_loading_info(path, info)
+    return model, load_tokenizer(path)
+
+
+def load_config(path: Path) -> Any:
+    """``AutoConfig`` of the model directory ``path``, without running code from it (named errors otherwise)."""
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{str(path / 'config.json')!r} is not a readable JSON file ({error})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{str(path / 'config.json')!r} does not hold a JSON object")
+    try:
+        return AutoConfig.from_pretrained(str(path), **HF_SAFE)
+    except (ValueError, KeyError, OSError) as error:
+        model_type = raw.get("model_type", "?")
+        if raw.get("auto_map"):
+            raise ValueError(
+                f"{str(path)!r} is a model of architecture {model_type!r} whose config.json asks to run Python code "
+                f"from the directory (auto_map); hadakit never runs code from a model or checkpoint directory "
+                f"(trust_remote_code=False): use a model whose architecture transformers "
+                f"{transformers.__version__} implements") from None
         raise ValueError(
             f"{str(path)!r} is a model of architecture {model_type!r}, which transformers "
             f"{transformers.__version__} does not know ({error})"
         ) from None
-    cls = _model_class(path, config)
-    model = cls.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True)
+
+
+def tokenizer_files(path: Path) -> list[str]:
+    """The tokenizer files in directory ``path`` (empty when it holds none)."""
+    return [name for name in _TOKENIZER_FILES if (Path(path) / name).is_file()]
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in directory ``path``, or ``None`` (with a warning naming the directory) when it holds no
+    tokenizer files or they cannot be read; no code from the directory is run."""
+    from transformers import AutoTokenizer
+
+    if not tokenizer_files(path):
+        warnings.warn(f"no tokenizer files in {str(path)!r} (none of {', '.join(_TOKENIZER_FILES)}); "
+                      f"returning tokenizer=None")
+        return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(path), **HF_SAFE)
     except (OSError, ValueError, TypeError) as error:
         warnings.warn(f"no tokenizer could be loaded from {str(path)!r} ({error}); returning tokenizer=None")
-        tokenizer = None
-    return model, tokenizer
+        return None
+
+
+def _check_loading_info(path: Path, info: dict) -> None:
+    """A model whose weight files do not match its config is an error that lists the tensors, never a model with
+    random weights."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")
+            problems.append(f"{kind.replace('_', ' ')}: {shown}")
+    if problems:
+        raise ValueError(f"the weights in {str(path)!r} do not match its config.json ({'; '.join(problems)}): pass "
+                         f"a complete model directory whose weights were saved with that config")
 
 
 def _load_gguf_uncached(path: Path) -> tuple[Any, Any]:
@@ -340,7 +444,7 @@ def _load_gguf_uncached(path: Path) -> tuple[Any, Any]:
         from transformers import GgufConfig
     except ImportError:  # transformers versions without the packed GGUF path always dequantize
         GgufConfig = None
-    kwargs: dict[str, Any] = {"gguf_file": str(path), "local_files_only": True}
+    kwargs: dict[str, Any] = {"gguf_file": str(path), **HF_SAFE}
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
     if GgufConfig is not None:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
@@ -368,7 +472,10 @@ def _write_cache(model: Any, tokenizer: Any, source: Path, target: Path) -> None
             "torch": torch.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        info["files"] = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / _CACHE_MARKER).write_text(json.dumps(info, indent=2))
+        if target.exists() and not _cache_complete(target):  # a broken entry (checked by the caller): replace it
+            shutil.rmtree(target)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -384,8 +491,12 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache: bool) -> tuple[Any, Any]:
     _check_gguf_architecture(path, architecture)
     if cache:
         target = gguf_cache_dir(path)
-        if _cache_complete(target):
+        problem = _cache_problem(target) if target.exists() else None
+        if target.exists() and problem is None:
             return _load_hf_dir(target, dtype)
+        if problem is not None:
+            warnings.warn(f"the cached model {str(target)!r} is incomplete or corrupt ({problem}): rebuilding it "
+                          f"from {str(path)!r}")
     model, tokenizer = _load_gguf_uncached(path)
     if cache:
         try:
