@@ -31,9 +31,11 @@ __all__ = [
     "TextWindows",
     "builtin_texts",
     "calibration_windows",
+    "document_windows",
     "make_windows",
     "read_text",
     "strip_gutenberg",
+    "text_calibration_windows",
     "tokenize_text",
 ]
 
@@ -305,24 +307,96 @@ def calibration_windows(
     different play than the evaluation text (Hamlet). The start offsets are drawn uniformly (with a
     ``torch.Generator`` seeded by ``seed``, so the result is deterministic) from all positions where a whole window
     fits; windows may overlap. Returns a ``torch.long`` tensor ``[n_windows, window + 1]`` with BOS first
-    (``[n_windows, window]`` without ``add_bos``).
+    (``[n_windows, window]`` without ``add_bos``). :func:`text_calibration_windows` does the same for a text
+    already in memory.
     """
     _check_sizes(window, n_windows)
-    if _resolve(text).resolve() == _resolve(EVAL_TEXT).resolve():
+    if _is_eval_text(text):
         warnings.warn(
             f"calibrating on {text!r}, the evaluation text: perplexities measured on it will be optimistic",
             stacklevel=2,
         )
-    ids = tokenize_text(tokenizer, read_text(text))
+    return text_calibration_windows(tokenizer, read_text(text), n_windows=n_windows, window=window, seed=seed,
+                                    add_bos=add_bos, label=f"the calibration text {str(text)!r}")
+
+
+def _is_eval_text(text: str | Path) -> bool:
+    try:
+        return _resolve(text).resolve() == _resolve(EVAL_TEXT).resolve()
+    except ImportError:  # no built-in texts installed: a user's own file cannot be the built-in evaluation text
+        return False
+
+
+def text_calibration_windows(
+    tokenizer: Any,
+    text: str,
+    *,
+    n_windows: int = 32,
+    window: int = 512,
+    seed: int = 0,
+    add_bos: bool = True,
+    label: str = "the calibration text",
+) -> torch.Tensor:
+    """:func:`calibration_windows` of ``text`` itself (a ``str`` of text, not a name or path): ``n_windows``
+    windows of ``window`` tokens at seeded random offsets, BOS first with ``add_bos``; ``torch.long``
+    ``[n_windows, window + 1]`` (``[n_windows, window]`` without BOS). The same windows as
+    ``calibration_windows(tokenizer, path)`` when ``text`` is ``read_text(path)``. ``label`` names the text in the
+    error raised when it holds fewer tokens than one window."""
+    _check_sizes(window, n_windows)
+    ids = tokenize_text(tokenizer, text)
     if len(ids) < window:
         raise ValueError(
-            f"the calibration text {str(text)!r} has {len(ids)} tokens, fewer than one window of {window}; "
+            f"{label} has {len(ids)} tokens, fewer than one window of {window}; "
             f"use a longer text or a shorter window"
         )
     generator = torch.Generator().manual_seed(int(seed))
     starts = torch.randint(0, len(ids) - window + 1, (n_windows,), generator=generator).tolist()
     chunks = [ids[s : s + window] for s in starts]
     return _stack(tokenizer, chunks, add_bos)
+
+
+def document_windows(
+    tokenizer: Any,
+    documents: list[str],
+    *,
+    window: int = 512,
+    add_bos: bool = True,
+    pad_id: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """One calibration window per document: its first ``window`` tokens (tokenized without special tokens), BOS
+    first with ``add_bos``; the windows are right-padded to the longest one. Returns ``{"input_ids",
+    "attention_mask"}``, both ``torch.long`` ``[len(documents), longest]``, the mask 1 on real tokens and 0 on
+    padding (the pad id is ``pad_id``, else the tokenizer's pad token, else 0: padded positions are masked, so
+    their id never matters).
+
+    Raises ``ValueError`` for an empty list, or a document that is empty or holds no token; ``TypeError`` for a
+    document that is not a ``str``.
+    """
+    if isinstance(documents, (str, bytes)) or not isinstance(documents, (list, tuple)):
+        raise TypeError(f"documents must be a list of str, got {type(documents).__name__}")
+    if not documents:
+        raise ValueError("documents is an empty list: pass at least one document (a str)")
+    _check_sizes(window, 1)
+    rows = []
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, str):
+            raise TypeError(f"documents[{i}] is a {type(doc).__name__}, not a str")
+        ids = tokenize_text(tokenizer, doc)[:window] if doc.strip() else []
+        if not ids:
+            raise ValueError(f"documents[{i}] is empty (no tokens): drop it or pass text")
+        rows.append(ids)
+    bos = [_bos_id(tokenizer)] if add_bos else []
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else int(pad_id)
+    longest = max(len(r) for r in rows) + len(bos)
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(bos) + len(r)
+        input_ids[i, :n] = torch.tensor(bos + r, dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,11 +7,19 @@ collect Hessians of their (rotated) inputs, are quantized, and the quantized lay
 inputs — so only one layer's weights and activations need to be on the device at a time. With ``fptarget`` a second
 stream carries the full-precision model's hidden states alongside, and each linear is fitted to its full-precision
 outputs (see ``models.gptq.corrected_weight``).
+
+Calibration windows run one at a time (batch 1), so they may differ in length: ``calib`` is a ``[n, L]`` token
+tensor, optionally with an ``attention_mask`` (padded windows), or a list of 1-D token tensors. A padded window is
+cut to its real tokens (left or right padding), so the model sees it exactly as if it had been given unpadded; a
+window whose mask has holes runs with its mask and its masked positions' rows are dropped from every statistic
+(Hessians, samples, ranges). Without a mask nothing changes: one full forward records the layers' keyword arguments
+for all same-length windows, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -27,7 +35,7 @@ from hadakit.models.gptq import corrected_weight, gptq_quantize
 from hadakit.models.kv_cache import calibrate_kv_centers, install_kv_quantization
 from hadakit.models.qlinear import RotatedQuantLinear, weight_map
 from hadakit.models.quantizers import SchemeGroupQuantizer
-from hadakit.models.recipes import QuantRecipe
+from hadakit.models.recipes import QuantRecipe, get_recipe
 from hadakit.models.stage_reuse import StageReuse
 from hadakit.transforms import HadamardRotation, transform_plan
 
@@ -51,6 +59,23 @@ class QuantizationReport:
     fusion: dict[str, Any] = field(default_factory=dict)
     stored_rounded: int = 0  # store=D: elements of unquantized parameters rounded to D
     reuse_off: str | None = None  # seq: why reusing finished submodules' outputs was turned off (see stage_reuse)
+    # The calibration actually used (all zero / None when the recipe needed none): windows, their length (tokens of
+    # the longest window as it ran: BOS included, padding cut off at the ends), real (unpadded) tokens over all
+    # windows, windows that had padding, where they came from ("text" / "file" / "documents" / "tokens"; the
+    # pipeline itself only sees "tokens"), and the file for "file".
+    calib_windows: int = 0
+    calib_len: int = 0
+    calib_tokens: int = 0
+    calib_padded: int = 0
+    calib_source: str | None = None
+    calib_path: str | None = None
+
+    def calibration_info(self) -> dict[str, Any] | None:
+        """The calibration that ran, JSON-ready (for a recipe.json), or None when the recipe used none."""
+        if not self.calib_windows:
+            return None
+        return dict(source=self.calib_source, path=self.calib_path, n_windows=self.calib_windows,
+                    window=self.calib_len, tokens=self.calib_tokens, padded=self.calib_padded)
 
     def summary(self) -> str:
         lines = [f"{self.recipe.label()}: {len(self.quantized)} linears quantized, {len(self.skipped)} kept in full "
@@ -68,6 +93,9 @@ class QuantizationReport:
             lines.append(f"  KV cache quantized in {self.kv_modules} attention modules")
         if self.reuse_off:
             lines.append(f"  seq recomputed every pass (reuse turned off at {self.reuse_off})")
+        if self.calib_windows:
+            lines.append(f"  calibrated on {self.calib_windows} windows of up to {self.calib_len} tokens "
+                         f"({self.calib_tokens:,} real tokens; {self.calib_source or 'tokens'})")
         return "\n".join(lines)
 
 
@@ -185,26 +213,196 @@ def _first_tensor(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor
-                         ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Inputs of ``layers[0]`` for every window, and the keyword arguments each layer receives.
+@dataclass
+class CalibrationWindows:
+    """Calibration token windows as the pipeline runs them, one at a time (see :func:`prepare_calibration`).
 
-    Keyword arguments (masks, position embeddings) depend only on the sequence length here (same-length windows, no
-    padding), so one full forward records them for every layer; the first layer's inputs are then captured per
-    window by stopping the forward at layer 0.
-    """
-    per_layer_kwargs: list[dict[str, Any]] = [{} for _ in layers]
-    hooks = []
-    for i, layer in enumerate(layers):
-        def rec(mod, args, kwargs, i=i):
-            per_layer_kwargs[i] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        hooks.append(layer.register_forward_pre_hook(rec, with_kwargs=True))
+    ``ids[j]`` is window ``j``, ``[1, L_j]``; ``masks[j]`` its attention mask ``[1, L_j]`` when it has holes (masked
+    positions between real tokens), else None (padding at either end is cut off, so the window is all real tokens).
+    ``tensor`` is the ``[n, L]`` tensor given when no window was padded (the pipeline's original input)."""
+
+    ids: list[torch.Tensor]
+    masks: list[torch.Tensor | None]
+    padded: int = 0
+    tensor: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def length(self) -> int:
+        return max(int(t.shape[1]) for t in self.ids)
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(t.shape[1]) if m is None else int(m.sum()) for t, m in zip(self.ids, self.masks))
+
+    def keeps(self) -> list[torch.Tensor | None] | None:
+        """Per window, the positions whose rows enter the statistics (None: all); None when no window has holes."""
+        if all(m is None for m in self.masks):
+            return None
+        return [None if m is None else m[0].bool() for m in self.masks]
+
+    def kv_windows(self, k: int):
+        """The first ``k`` windows for ``calibrate_kv_centers`` (which iterates rows): the tensor as before, else the
+        windows' 1-D token rows (none of them may have holes: see :func:`prepare_calibration`)."""
+        if self.tensor is not None:
+            return self.tensor[:k]
+        return [t[0] for t in self.ids[:k]]
+
+
+def _is_int_tensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
+def prepare_calibration(calib, attention_mask: torch.Tensor | None = None, *, vocab_size: int | None = None,
+                        kv_windows: int = 0) -> CalibrationWindows:
+    """Check calibration tokens and turn them into the windows the pipeline runs; raises before any work.
+
+    ``calib``: an integer tensor ``[n, L]`` of token ids, or a list of 1-D integer tensors (windows that may differ
+    in length). ``attention_mask`` (with a tensor ``calib`` only): ``[n, L]`` of 0/1 (bool, integer or float), 1 on
+    real tokens; every row needs at least one. A row whose real tokens are contiguous (left or right padding) is cut
+    to them; a row with holes keeps its (outer-trimmed) mask, passed to the model, and its masked rows are dropped
+    from the statistics. ``vocab_size``: token ids must lie in ``[0, vocab_size)``. ``kv_windows``: that many
+    leading windows calibrate the KV centers, which take no mask, so they may not have holes."""
+    if isinstance(calib, (list, tuple)):
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with a [n, L] token tensor; a list of windows needs no mask "
+                             "(each window is all real tokens)")
+        if not calib:
+            raise ValueError("calib is an empty list: pass at least one window of token ids")
+        rows = []
+        for j, t in enumerate(calib):
+            if not _is_int_tensor(t):
+                raise TypeError(f"calib[{j}] must be an integer tensor of token ids (torch.long), got "
+                                f"{type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
+            if t.ndim != 1 or t.numel() == 0:
+                raise ValueError(f"calib[{j}] must be a non-empty 1-D tensor of token ids (one window), got shape "
+                                 f"{tuple(t.shape)}")
+            rows.append(t.long()[None])
+        windows = CalibrationWindows(rows, [None] * len(rows))
+        _check_vocab(torch.cat([r[0] for r in rows]), vocab_size)
+        return windows
+    if not isinstance(calib, torch.Tensor):
+        raise TypeError(f"calib must be a [n, L] tensor of token ids or a list of 1-D token tensors, got "
+                        f"{type(calib).__name__}")
+    if not _is_int_tensor(calib):
+        raise TypeError(f"calib must hold integer token ids (torch.long), got dtype {calib.dtype}")
+    if calib.ndim != 2 or calib.shape[0] == 0 or calib.shape[1] == 0:
+        raise ValueError(f"calib must be a 2-D tensor [n_windows, window_len] of token ids, got shape "
+                         f"{tuple(calib.shape)}" + ("; for one window use ids[None]" if calib.ndim == 1 else ""))
+    _check_vocab(calib, vocab_size)
+    calib = calib.long()
+    if attention_mask is None:
+        return CalibrationWindows([calib[j:j + 1] for j in range(calib.shape[0])], [None] * calib.shape[0],
+                                  tensor=calib)
+    mask = attention_mask
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(calib.shape):
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, but the token windows have "
+                         f"{tuple(calib.shape)}: they must match")
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    mask = mask.bool()
+    empty = (~mask.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask rows {empty[:8]} have no real token (all 0): drop those windows")
+    if bool(mask.all()):
+        return CalibrationWindows([calib[j:j + 1] for j in range(calib.shape[0])], [None] * calib.shape[0],
+                                  tensor=calib)
+    ids, masks, padded = [], [], 0
+    for j in range(calib.shape[0]):
+        real = mask[j].nonzero().flatten()
+        first, last = int(real[0]), int(real[-1]) + 1
+        padded += int(real.numel() < calib.shape[1])
+        ids.append(calib[j:j + 1, first:last].contiguous())
+        if real.numel() == last - first:  # contiguous: cut to the real tokens, nothing left to mask
+            masks.append(None)
+        else:
+            if j < kv_windows:
+                raise ValueError(f"calibration window {j} has holes in its attention mask (padding between real "
+                                 f"tokens); the KV centers (kvcenter) calibrate on the first {kv_windows} windows "
+                                 f"without a mask: pad only at the start or end")
+            masks.append(mask[j:j + 1, first:last].long().contiguous())
+    return CalibrationWindows(ids, masks, padded=padded)
+
+
+def _check_vocab(ids: torch.Tensor, vocab_size: int | None) -> None:
+    if vocab_size is None or ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"calibration token id {lo if lo < 0 else hi} is outside the model's vocabulary "
+                         f"[0, {vocab_size}): were the windows made with this model's tokenizer?")
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    get = getattr(model, "get_input_embeddings", None)
     try:
-        model(windows[:1], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
+
+
+_CACHE_KWARGS = ("past_key_values", "past_key_value")
+
+
+def _layer_kwargs(layer: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments a layer received besides its hidden states, by name. Some families pass the attention mask
+    positionally (BERT's ``layer(hidden, mask, ...)``, GPT-2's ``block(hidden, cache, mask, ...)``): those
+    arguments are named from the layer's signature; ``None`` ones are left out (the defaults)."""
+    kw = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+    extra = args[1:]
+    if all(a is None for a in extra):
+        return kw
+    params = [p for p in inspect.signature(layer.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY)]
+    if len(params) < len(args) or any(p.kind == p.POSITIONAL_ONLY for p in params[1:len(args)]):
+        raise ValueError(f"{type(layer).__name__} receives {len(args)} positional arguments that its forward "
+                         f"signature cannot name: hadakit cannot replay its layers one at a time")
+    for p, a in zip(params[1:], extra):
+        if a is not None and p.name not in _CACHE_KWARGS:
+            kw[p.name] = a
+    return kw
+
+
+def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None):
+    if mask is None:
+        return model(ids, use_cache=False)
+    return model(ids, attention_mask=mask, use_cache=False)
+
+
+@torch.no_grad()
+def capture_window_inputs(model: nn.Module, layers: nn.ModuleList, windows: CalibrationWindows
+                          ) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
+    """Inputs of ``layers[0]`` for every window, and ``kwargs[i][j]``: the keyword arguments layer ``i`` receives
+    in window ``j`` (masks, position embeddings).
+
+    Without a mask these depend only on the sequence length, so one full forward per distinct length records them
+    for every layer (the same dict objects serve all windows of that length); a window with holes in its mask gets
+    its own forward, with its mask. The first layer's inputs are then captured per window by stopping the forward at
+    layer 0.
+    """
+    keys = [("len", int(t.shape[1])) if m is None else ("window", j)
+            for j, (t, m) in enumerate(zip(windows.ids, windows.masks))]
+    recorded: dict[tuple, list[dict[str, Any]]] = {}
+    for j, key in enumerate(keys):
+        if key in recorded:
+            continue
+        per_layer: list[dict[str, Any]] = [{} for _ in layers]
+        hooks = []
+        for i, layer in enumerate(layers):
+            def rec(mod, args, kwargs, i=i):
+                per_layer[i] = _layer_kwargs(mod, args, kwargs)
+            hooks.append(layer.register_forward_pre_hook(rec, with_kwargs=True))
+        try:
+            _forward(model, windows.ids[j], windows.masks[j])
+        finally:
+            for h in hooks:
+                h.remove()
+        recorded[key] = per_layer
 
     inputs: list[torch.Tensor] = []
 
@@ -214,14 +412,34 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch
 
     h = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        for j in range(windows.shape[0]):
+        for j in range(len(windows)):
             try:
-                model(windows[j:j + 1], use_cache=False)
+                _forward(model, windows.ids[j], windows.masks[j])
             except _StopForward:
                 pass
     finally:
         h.remove()
-    return inputs, per_layer_kwargs
+    kwargs = [[recorded[key][i] for key in keys] for i in range(len(layers))]
+    return inputs, kwargs
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor,
+                         attention_mask: torch.Tensor | None = None
+                         ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Inputs of ``layers[0]`` for every window, and the keyword arguments each layer receives.
+
+    Keyword arguments (masks, position embeddings) depend only on the sequence length here (same-length windows, no
+    padding), so one full forward records them for every layer; the first layer's inputs are then captured per
+    window by stopping the forward at layer 0. With ``attention_mask`` (see :func:`prepare_calibration`) padded
+    windows are cut to their real tokens, and windows then differing in length or with holes in their mask have
+    keyword arguments of their own: use :func:`capture_window_inputs`, which returns them per window.
+    """
+    inputs, kwargs = capture_window_inputs(model, layers, prepare_calibration(windows, attention_mask))
+    if any(any(kw is not row[0] for kw in row) for row in kwargs):
+        raise ValueError("these windows do not share their layers' keyword arguments (different lengths after "
+                         "cutting padding, or holes in the mask): use capture_window_inputs")
+    return inputs, [row[0] if row else {} for row in kwargs]
 
 
 def _call_layer(layer, hidden, kwargs):
@@ -274,13 +492,25 @@ def _input_groups(layer: nn.Module, names: dict[str, nn.Module], x: torch.Tensor
     return {n: leader.get(n, n) for n in names}
 
 
+def _real_rows(x: torch.Tensor, keep: torch.Tensor, name: str) -> torch.Tensor:
+    """The rows of ``x`` (one per token of the window) at the real positions ``keep``."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] != keep.numel():
+        raise ValueError(f"{name} receives {rows.shape[0]} input rows in a window of {keep.numel()} tokens, so its "
+                         f"padded rows cannot be told apart: give windows without holes in their attention mask "
+                         f"(padding only at the start or end is cut off instead)")
+    return rows[keep.to(rows.device)]
+
+
 def _record_inputs(layer, names, leaders, inputs, kwargs, recipe, gptq: bool, per_window: int,
-                   refs: dict[str, list[torch.Tensor]] | None = None, reuse: StageReuse | None = None
-                   ) -> dict[str, InputStats]:
+                   refs: dict[str, list[torch.Tensor]] | None = None, reuse: StageReuse | None = None,
+                   keeps: list[torch.Tensor | None] | None = None) -> dict[str, InputStats]:
     """Input statistics of the linears ``leaders`` over every calibration input of ``layer``; the layer's forward
-    ends once they have all been seen (what runs after the last of them is not needed). ``refs[n][j]``: the
-    full-precision model's input of ``n`` in window ``j``, paired with the recorded one (``fptarget``, GPTQ only).
-    ``reuse``: finished submodules' outputs from the layer's earlier passes (``seq``)."""
+    ends once they have all been seen (what runs after the last of them is not needed). ``kwargs[j]``: the layer's
+    keyword arguments in window ``j``. ``refs[n][j]``: the full-precision model's input of ``n`` in window ``j``,
+    paired with the recorded one (``fptarget``, GPTQ only). ``reuse``: finished submodules' outputs from the layer's
+    earlier passes (``seq``). ``keeps[j]``: the real positions of window ``j`` (None: all); only their rows are
+    recorded."""
     stats = {n: InputStats(linear_weight(names[n]).shape[1], hessian=gptq, max_rows=recipe.calib_rows,
                            rows_per_window=per_window, device=inputs[0].device,
                            ranges=recipe.fits_options,  # plain GPTQ: the Hessian only
@@ -290,7 +520,12 @@ def _record_inputs(layer, names, leaders, inputs, kwargs, recipe, gptq: bool, pe
     window = 0
 
     def record(n, x):
-        stats[n].add(x, refs[n][window] if refs is not None else None)
+        ref = refs[n][window] if refs is not None else None
+        keep = keeps[window] if keeps is not None else None
+        if keep is not None:
+            x = _real_rows(x, keep, n)
+            ref = _real_rows(ref, keep, n) if ref is not None else None
+        stats[n].add(x, ref)
         seen.add(n)
         if len(seen) == len(stats):
             raise _StopForward
@@ -303,7 +538,7 @@ def _record_inputs(layer, names, leaders, inputs, kwargs, recipe, gptq: bool, pe
                 if reuse is not None:
                     reuse.window = window
                 try:
-                    _call_layer(layer, x, kwargs)
+                    _call_layer(layer, x, kwargs[window])
                 except _StopForward:
                     pass
     finally:
@@ -313,14 +548,14 @@ def _record_inputs(layer, names, leaders, inputs, kwargs, recipe, gptq: bool, pe
 
 
 def _layer_outputs(layer, inputs, kwargs, reuse: StageReuse | None) -> list[torch.Tensor]:
-    """The (quantized) layer's outputs on every input: the next layer's inputs."""
+    """The (quantized) layer's outputs on every input (``kwargs[j]``: window ``j``'s): the next layer's inputs."""
     if reuse is None:
-        return [_call_layer(layer, x, kwargs) for x in inputs]
+        return [_call_layer(layer, x, kw) for x, kw in zip(inputs, kwargs)]
     outputs = []
     with reuse.run(len(inputs), keep=False):
         for window, x in enumerate(inputs):
             reuse.window = window
-            outputs.append(_call_layer(layer, x, kwargs))
+            outputs.append(_call_layer(layer, x, kwargs[window]))
     return outputs
 
 
@@ -331,7 +566,7 @@ def _full_precision_pass(layer, names, leaders, inputs, kwargs) -> tuple[dict[st
     hooks = [names[n].register_forward_pre_hook(lambda mod, args, n=n: refs[n].append(args[0].detach().clone()))
              for n in leaders]
     try:
-        outputs = [_call_layer(layer, x, kwargs) for x in inputs]
+        outputs = [_call_layer(layer, x, kw) for x, kw in zip(inputs, kwargs)]
     finally:
         for h in hooks:
             h.remove()
@@ -339,11 +574,13 @@ def _full_precision_pass(layer, names, leaders, inputs, kwargs) -> tuple[dict[st
 
 
 @torch.no_grad()
-def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Callable[[str], None] | None):
+def _calibrate_layerwise(model, recipe, linears, windows: CalibrationWindows, report,
+                         progress: Callable[[str], None] | None):
     """One decoder layer at a time: record each linear's inputs, fit its options, quantize (GPTQ on the transformed
     weights and Hessian), then run the quantized layer to make the next layer's inputs."""
     layers = find_decoder_layers(model)
-    inputs, kwargs = capture_layer_inputs(model, layers, windows)
+    inputs, kwargs = capture_window_inputs(model, layers, windows)
+    keeps = windows.keeps()
     gptq = recipe.method == "gptq" and recipe.weight is not None
     fp_inputs = list(inputs) if gptq and recipe.fp_target else None  # the full-precision model's hidden states
     per_window = max(1, recipe.calib_rows // max(1, len(inputs)))
@@ -353,7 +590,7 @@ def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Call
         reuse = StageReuse(layer, _is_linear) if reusing else None
         names = {n: m for n, m in linears.items() if any(m is mm for mm in layer.modules())}
         rotations = {n: make_rotation(recipe, n, linear_weight(m).shape[1], report) for n, m in names.items()}
-        leader = _input_groups(layer, names, inputs[0], kwargs[i])
+        leader = _input_groups(layer, names, inputs[0], kwargs[i][0])
         leaders = list(dict.fromkeys(leader.values()))  # in execution order
         refs = None  # fp_inputs is set only for GPTQ, so refs too
         if fp_inputs is not None:  # before anything in this layer is quantized
@@ -362,7 +599,7 @@ def _calibrate_layerwise(model, recipe, linears, windows, report, progress: Call
         # before it are quantized, and stops the layer as soon as the group's input is seen.
         for stage in ([[ld] for ld in leaders] if recipe.sequential else [leaders]):
             stats = _record_inputs(layer, names, stage, inputs, kwargs[i], recipe, gptq, per_window,
-                                   refs=refs, reuse=reuse)
+                                   refs=refs, reuse=reuse, keeps=keeps)
             for n, m in names.items():
                 if leader[n] not in stage:
                     continue
@@ -405,11 +642,35 @@ def round_unquantized_parameters(model: nn.Module, dtype: str) -> int:
     return n
 
 
-def quantize_model(model: nn.Module, recipe: QuantRecipe, *, calib: torch.Tensor | None = None,
+def quantize_model(model: nn.Module, recipe: QuantRecipe | str, *, calib: torch.Tensor | list | None = None,
+                   attention_mask: torch.Tensor | None = None,
                    progress: Callable[[str], None] | None = None) -> QuantizationReport:
-    """Rotate and quantize ``model`` in place following ``recipe``; ``calib`` ([n, len] token ids) feeds GPTQ."""
+    """Rotate and quantize ``model`` in place following ``recipe`` (a :class:`QuantRecipe` or a recipe string);
+    ``calib`` ([n, len] token ids, optionally with an ``attention_mask`` for padded windows, or a list of 1-D token
+    windows: see :func:`prepare_calibration`) feeds GPTQ and the calibrated options. ``hadakit.models.verbs.quantize``
+    is the public entry point (text, files, documents)."""
+    if isinstance(recipe, str):
+        recipe = get_recipe(recipe)
+    elif not isinstance(recipe, QuantRecipe):
+        raise TypeError(f"recipe must be a QuantRecipe or a recipe string such as 'w4a4:random:gptq', got "
+                        f"{type(recipe).__name__}")
     t0 = time.perf_counter()
+    if calib is None and attention_mask is not None:
+        raise ValueError("attention_mask was given without calib: pass the token windows it masks")
+    if recipe.linears_need_calibration and calib is None:
+        raise ValueError(f"recipe {recipe.label()!r} needs calibration windows (calib=...): GPTQ and the "
+                         f"calibrated options fit on them")
+    if recipe.kv is not None and recipe.kv_center and calib is None:
+        raise ValueError(f"recipe {recipe.label()!r} needs calibration windows (calib=...) for kvcenter")
+    windows = None
+    if calib is not None:  # checked even when unused, before anything changes
+        windows = prepare_calibration(calib, attention_mask, vocab_size=_vocab_size(model),
+                                      kv_windows=KV_CENTER_WINDOWS if recipe.kv is not None and recipe.kv_center
+                                      else 0)
     report = QuantizationReport(recipe)
+    if windows is not None and recipe.needs_calibration:
+        report.calib_windows, report.calib_len = len(windows), windows.length
+        report.calib_tokens, report.calib_padded, report.calib_source = windows.tokens, windows.padded, "tokens"
     model.eval()
     if recipe.quantizes_linears:
         if recipe.fuse_values:
@@ -424,10 +685,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, *, calib: torch.Tensor
             raise ValueError(f"{type(model).__name__}: no linear layer to quantize (all matched skip={recipe.skip})")
         done: set[str] = set()
         if recipe.linears_need_calibration:
-            if calib is None:
-                raise ValueError(f"recipe {recipe.label()!r} needs calibration windows (calib=...): GPTQ and the "
-                                 f"calibrated options fit on them")
-            done = _calibrate_layerwise(model, recipe, linears, calib, report, progress)
+            done = _calibrate_layerwise(model, recipe, linears, windows, report, progress)
         for name, mod in linears.items():  # RTN, and linears outside the layer stack
             if name not in done:
                 _replace(model, name, mod, recipe, report)
@@ -441,8 +699,6 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, *, calib: torch.Tensor
         report.kv_modules = install_kv_quantization(model, recipe.kv, rotate=recipe.kv_rotation,
                                                     sink_tokens=recipe.kv_sink_tokens)
         if recipe.kv_center:
-            if calib is None:
-                raise ValueError(f"recipe {recipe.label()!r} needs calibration windows (calib=...) for kvcenter")
-            calibrate_kv_centers(model, calib[:KV_CENTER_WINDOWS])
+            calibrate_kv_centers(model, windows.kv_windows(KV_CENTER_WINDOWS))
     report.seconds = time.perf_counter() - t0
     return report
