@@ -50,3 +50,29 @@ def minilm(minilm_dir):
     enc = tok(["To be, or not to be, that is the question.", "Hadamard rotations spread outliers evenly."],
               return_tensors="pt", padding=True)
     return model, tok, enc
+
+
+def tiny_llama(vocab: int = 30522, hidden: int = 128, seed: int = 0):
+    """A seeded random one-layer Llama causal LM (hidden 128 = 2^7, so every Hadamard and group size 128 fits)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=128, tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, minilm_dir):
+    """A tiny Llama causal LM saved as a Hugging Face directory, with the real MiniLM WordPiece tokenizer ([CLS] as
+    its BOS, since a causal LM's evaluation windows start with one)."""
+    import transformers
+
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama().save_pretrained(d)
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    tok.bos_token = tok.cls_token
+    tok.save_pretrained(d)
+    return d

@@ -20,6 +20,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import tiny_llama  # noqa: E402
 from hadakit.cli.main import main  # noqa: E402
 from hadakit.models.checkpoint import load_quantized_model, save_quantized_model  # noqa: E402
 from hadakit.models.loading import load_model  # noqa: E402
@@ -60,25 +61,9 @@ def user_files(tmp_path):
     return folder
 
 
-def _tiny_llama(vocab: int = 30522, hidden: int = 128, seed: int = 0):
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                                   tie_word_embeddings=False)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return transformers.LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, minilm_dir):
-    """A tiny Llama causal LM saved as a Hugging Face directory, with the real MiniLM WordPiece tokenizer ([CLS] as
-    its BOS)."""
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    _tiny_llama().save_pretrained(d)
-    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir)
-    tok.bos_token = tok.cls_token  # a causal LM's evaluation windows start with a BOS token
-    tok.save_pretrained(d)
-    return d
+def tiny_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +171,7 @@ def test_stale_temporaries_of_killed_saves_are_removed_and_mode_follows_umask(ti
         os.umask(old_umask)
     assert not dead.exists() and alive.exists() and other.exists()
     assert out.stat().st_mode & 0o777 == 0o755
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {f.name: 0o644 for f in out.iterdir()}
 
 
 # --- items 2 and 11: nothing from a directory is executed; names from files are checked -----------------------------
@@ -427,7 +413,7 @@ def test_truncated_or_deleted_cache_files_are_rebuilt(tmp_path, monkeypatch, min
 
     def convert(path):
         builds.append(path)
-        return _tiny_llama(hidden=32), tok
+        return tiny_llama(hidden=32), tok
 
     monkeypatch.setattr(loading, "_load_gguf_uncached", convert)
     ref, _ = load_model(gguf_file)

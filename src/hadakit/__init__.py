@@ -48,13 +48,91 @@ from hadakit.training import QuantLinear, convert, get_training_recipe, list_tra
 __version__ = "0.1.0"
 
 
-def load(path, *, device="cpu"):
-    """Load a packed checkpoint written by ``hadakit quantize --out DIR``: an ordinary transformers model (same
-    ``forward``, returns logits) whose linears are rotated/quantized; its tokenizer loads with
-    ``transformers.AutoTokenizer.from_pretrained(DIR)``. Needs ``hadakit[models]``."""
+def quantize(model, recipe, calibration=None, *, tokenizer=None, progress=True, **options):
+    """Rotate and quantize ``model`` (any transformers model object) in place; returns a ``QuantizationReport``.
+
+    ``recipe`` is a recipe string ``NAME[:ROTATION[:METHOD[:OPTIONS]]]`` (``"w4a16_g128:block-128:gptq"``,
+    ``"w4a4:random:gptq:smooth=search,aclip=search"``) or a ``hadakit.models.QuantRecipe``. ``calibration``: a
+    text, a path to a text file, a list of documents (with ``tokenizer=``), or token ids (a ``[n, L]`` long tensor, or
+    ``input_ids`` with an ``attention_mask`` for padded windows); ``None`` for recipes that need none (RTN).
+    ``progress=True`` logs to ``logging.getLogger("hadakit")``. Other options (``calib_windows``, ``calib_len``,
+    ``seed``, ``add_bos``, ``device``): see :func:`hadakit.models.verbs.quantize`. The recipe that ran (with the
+    calibration it used) travels with the model, so :func:`save` needs nothing else. Needs ``hadakit[models]``::
+
+        import hadakit
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained("path/to/my-model")
+        tok = AutoTokenizer.from_pretrained("path/to/my-model")
+        report = hadakit.quantize(model, "w4a16_g128:block-128:gptq", open("calib.txt").read(), tokenizer=tok)
+        hadakit.save(model, "my-model-w4", tok)       # packed checkpoint, ~4.1 bits per quantized weight
+        model = hadakit.load("my-model-w4")           # an ordinary transformers model, weights packed in memory
+        hadakit.export("my-model-w4", "my-model-w4-ct")   # compressed-tensors, the format vLLM serves
+    """
+    import dataclasses
+
+    from hadakit.models.verbs import quantize as _quantize
+
+    report = _quantize(model, recipe, calibration, tokenizer=tokenizer, progress=progress, **options)
+    # What save() writes: the recipe with the window counts that were asked for, and the calibration that ran
+    # (windows, tokens, padding, source) as measured by the pipeline.
+    sizes = {k: options[k] for k in ("calib_windows", "calib_len") if options.get(k) is not None}
+    model.hadakit_recipe = dataclasses.replace(report.recipe, **sizes) if sizes else report.recipe
+    model.hadakit_calibration = report.calibration_info()
+    return report
+
+
+def save(model, out_dir, tokenizer=None, *, force=False, extra=None):
+    """Write a model quantized by :func:`quantize` to ``out_dir`` as a packed hadakit checkpoint (``config.json``,
+    tokenizer, ``recipe.json``, ``hadakit.json``, ``model.safetensors``) and return its path.
+
+    Quantized weights are stored packed (codes + scales); the other tensors as the model holds them (in bf16/fp16
+    when that holds them exactly, e.g. after the recipe option ``store=bf16``). ``out_dir`` is written atomically and
+    an existing one is replaced only with ``force=True`` and only when it is a hadakit checkpoint. ``extra``: more
+    JSON-ready entries for ``hadakit.json``."""
+    from hadakit.models.checkpoint import save_quantized_model
+
+    recipe = getattr(model, "hadakit_recipe", None)
+    if recipe is None:
+        raise ValueError("this model was not quantized by hadakit.quantize (it carries no hadakit recipe): call "
+                         "hadakit.quantize(model, recipe, ...) first")
+    extra = dict(extra or {})
+    extra.setdefault("calibration", getattr(model, "hadakit_calibration", None))
+    return save_quantized_model(model, tokenizer, recipe, out_dir, force=force, extra=extra)
+
+
+def load(path, *, device="cpu", cache_weights=False):
+    """Load a packed checkpoint written by :func:`save` or ``hadakit quantize --out DIR``: an ordinary transformers
+    model (same ``forward``, returns logits) whose quantized linears keep their weights packed in memory and
+    dequantize per forward (``cache_weights=True`` keeps one dequantized copy: faster, fp32-sized). Its tokenizer
+    loads with ``transformers.AutoTokenizer.from_pretrained(DIR)``. Nothing in the directory is executed, and the
+    checkpoint is verified (see docs/safety.md). Needs ``hadakit[models]``."""
     from hadakit.models.checkpoint import load_quantized_model
 
-    return load_quantized_model(path, device=device)[0]
+    return load_quantized_model(path, device=device, cache_weights=cache_weights)[0]
+
+
+def export(checkpoint_dir, out_dir, *, format="compressed-tensors", force=False, calib=None):
+    """Write the hadakit checkpoint ``checkpoint_dir`` in a format a serving engine reads; returns the path.
+
+    ``format="compressed-tensors"`` (the only one so far): the format vLLM serves, with the online rotations as its
+    ``transform_config`` (docs/export.md). ``calib``: token ids for NVFP4 activations' static input scale. Needs
+    ``hadakit[export]``."""
+    if format != "compressed-tensors":
+        raise ValueError(f"unknown export format {format!r}: the formats are 'compressed-tensors'")
+    from hadakit.io.compressed_tensors import export_compressed_tensors
+
+    return export_compressed_tensors(checkpoint_dir, out_dir, force=force, calib=calib)
+
+
+def inspect(model, windows, **options):
+    """Outlier statistics of every linear's input and weight, and what each rotation does to them (an
+    ``InspectReport``; see :func:`hadakit.analysis.inspect_model` for the options and ``hadakit inspect`` for the
+    HTML report)."""
+    from hadakit.analysis import inspect_model
+
+    return inspect_model(model, windows, **options)
+
 
 __all__ = [
     "HadamardRotation",
@@ -65,16 +143,20 @@ __all__ = [
     "block_hadamard_transform",
     "construction",
     "convert",
+    "export",
     "covered_orders",
     "get_training_recipe",
     "hadamard_matrix",
     "hadamard_transform",
+    "inspect",
     "inverse_hadamard_transform",
     "list_training_recipes",
     "load",
+    "quantize",
     "nearest_supported",
     "random_signs",
     "randomized_hadamard_transform",
+    "save",
     "structured_rotation",
     "supported",
     "transform_plan",

@@ -11,7 +11,8 @@ The rules, the same for every writer:
 * Writing goes to a hidden sibling ``.NAME.tmp-PID-XXXXXXXX`` that is renamed into place at the end; a previous
   directory is first moved aside and deleted only after the new one is in place (and put back if the rename fails).
   Stale temporaries of killed runs (their process is gone, or older than six hours) are removed at the next write.
-  Directories get the normal mode of the user's umask (not ``mkdtemp``'s 0700).
+  Directories and files get the normal modes of the user's umask (not ``mkdtemp``'s 0700 or the 0600 that
+  safetensors writes).
 """
 
 from __future__ import annotations
@@ -120,11 +121,23 @@ def _clean_stale(parent: Path, name: str) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
 
 
-def _make_dir(path: Path) -> None:
-    path.mkdir()
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
+    return umask
+
+
+def _make_dir(path: Path) -> None:
+    path.mkdir()
+    os.chmod(path, 0o777 & ~_umask())
+
+
+def _normal_file_modes(root: Path) -> None:
+    """Files the writers created with a private mode (safetensors writes 0600) get the umask's normal mode."""
+    mode = 0o666 & ~_umask()
+    for f in root.rglob("*"):
+        if f.is_file() and not f.is_symlink() and (f.stat().st_mode & 0o777) != mode:
+            os.chmod(f, mode)
 
 
 def write_dir_atomically(out: str | Path, write: Callable[[Path], None], *, force: bool = False, marker: str,
@@ -141,6 +154,7 @@ def write_dir_atomically(out: str | Path, write: Callable[[Path], None], *, forc
     old = None
     try:
         write(tmp)
+        _normal_file_modes(tmp)
         if not (tmp / marker).is_file():
             raise RuntimeError(f"internal error: the {what} writer did not write {marker}")
         if out.exists() or out.is_symlink():

@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.set_defaults(func=q.run_eval)
 
+    from hadakit.cli import export as ex
+
+    xp = sub.add_parser("export", help="write a hadakit checkpoint in a format serving engines read "
+                                       "(compressed-tensors, for vLLM)")
+    ex.add_arguments(xp)
+    xp.set_defaults(func=ex.run_export)
+
     from hadakit.cli import inspect as insp
 
     ip = sub.add_parser("inspect", help=insp.DESCRIPTION)
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-            PermissionError) as exc:
+            PermissionError, ImportError) as exc:
         print(f"hadakit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -40,9 +40,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-windows", type=positive_int, default=None, help="calibration windows for GPTQ")
     p.add_argument("--calib-len", type=positive_int, default=None, help="tokens per calibration window")
     p.add_argument("--out", default=None, help="write the quantized model as a packed checkpoint here")
-    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out directory (only ever a previous hadakit checkpoint or export)")
+    from hadakit.cli.export import add_format_argument
+
+    add_format_argument(p, default=None)
     p.add_argument("--results", default="hadakit-results", help="folder for the comparison JSON and Markdown")
     p.add_argument("--no-samples", action="store_true", help="skip the greedy-decoded sample lines")
+    p.add_argument("--samples", action="store_true",
+                   help="with --out: also print greedy-decoded sample lines of the quantized model")
+    p.add_argument("--eval-fp", action="store_true",
+                   help="with --out: also evaluate the unquantized model first (off by default: --out runs only "
+                        "the quantization, one evaluation of the result and the save)")
+    p.add_argument("--no-eval", action="store_true",
+                   help="with --out: skip the evaluation of the quantized model (then `hadakit eval DIR` has no "
+                        "saved perplexity to reproduce)")
+    p.add_argument("--store", default=None, choices=("source", "bf16", "fp16", "fp32"),
+                   help="with --out: dtype of the tensors left unquantized (embeddings, LM head, norms): the source "
+                        "model's (default; bf16 for the built-in Gemma, whose GGUF is not fp32) or the one named; "
+                        "the evaluation runs on exactly what is stored")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--cosine", action="store_true",
                    help="for encoder models (e.g. all-MiniLM-L6-v2): score each recipe by the cosine of its sentence "
@@ -64,17 +80,28 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     if args.out and args.compare:
         raise ValueError("--out saves one quantized model: use it with a single --recipe, not --compare")
+    if not args.out:
+        for flag in ("samples", "eval_fp", "no_eval", "store", "format"):
+            if getattr(args, flag) not in (None, False):
+                raise ValueError(f"--{flag.replace('_', '-')} goes with --out DIR (a single quantization run)")
     if args.full and args.ablation:
         raise ValueError("--full and --ablation are two different recipe lists: pick one")
     default_list = ABLATION_RECIPES if args.ablation else FULL_RECIPES if args.full else QUICK_RECIPES
     recipes = args.recipe or (list(default_list) if args.compare else ["w4a4:random:gptq"])
     if not args.compare and len(recipes) > 1:
         raise ValueError("several --recipe values need --compare")
+    if args.out and recipes[0] == "fp":
+        raise ValueError("--out saves a quantized model: pass a quantizing --recipe, not fp")
     # Every argument is checked before anything is loaded: a typo must not cost a model load or an FP evaluation.
     parsed = {r: get_recipe(r) for r in recipes if r != "fp"}
     device = resolve_device(args.device)
     if args.out:
-        check_checkpoint_dir(args.out, force=args.force)
+        if args.format:
+            from hadakit.io.compressed_tensors import check_export_dir
+
+            check_export_dir(args.out, force=args.force)
+        else:
+            check_checkpoint_dir(args.out, force=args.force)
     _check_results_dir(args.results)
     calib_windows = args.calib_windows
     if calib_windows is None and args.compare and not (args.full or args.ablation) and not args.recipe:
@@ -98,6 +125,9 @@ def run_quantize(args: argparse.Namespace) -> int:
     for recipe in parsed.values():
         check_recipe_for_model(recipe, model)
 
+    if args.out:
+        return _run_single(args, parsed[recipes[0]], model, tokenizer, model_name, eval_windows, extra_eval, t0)
+
     from hadakit.models.compare import CompareResult, save_plot, save_tradeoff_plot
 
     out_dir = Path(args.results)
@@ -118,7 +148,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         model, tokenizer, recipes if args.compare else ["fp", recipes[0]], model_name=model_name,
         eval_windows=eval_windows, calib_text=args.calib_text, calib_windows=calib_windows,
         calib_len=args.calib_len, prompts=() if args.no_samples else ("To be, or not to be,", "My lord, the king"),
-        progress=_log, on_row=show, keep_last=bool(args.out), extra_eval=extra_eval)
+        progress=_log, on_row=show, extra_eval=extra_eval)
     print()
     print(result.table())
     (out_dir / f"{stamp}.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
@@ -129,13 +159,91 @@ def run_quantize(args: argparse.Namespace) -> int:
         save_tradeoff_plot(result, out_dir / f"{stamp}-time.png")
     print(f"\nwrote {out_dir / (stamp + '.json')}, {out_dir / (stamp + '.md')}" + (f" and {plot}" if plot else "")
           + f" (total {time.perf_counter() - t0:.0f} s)")
-    if args.out:
-        from hadakit.models.checkpoint import checkpoint_size_bytes, save_quantized_model
+    return 0
 
-        row = result.rows[-1]
-        path = save_quantized_model(result.last_model, tokenizer, parsed[recipes[0]], args.out, force=args.force,
-                                    extra=dict(eval=eval_record(eval_windows), ppl=row.ppl, source=model_name))
-        print(f"saved {path} ({checkpoint_size_bytes(path) / 1e6:.1f} MB); reproduce with: hadakit eval {path}")
+
+def _store_dtype(args: argparse.Namespace, recipe, model) -> str | None:
+    """The recipe's store dtype for an --out run: --store, else the recipe's own store= option, else the source
+    model's dtype (bf16 for a GGUF, whose weights are not fp32; a Hugging Face directory's config dtype)."""
+    from hadakit.models.loading import source_dtype
+
+    choice = args.store
+    if choice is None and recipe.store_dtype is not None:
+        return recipe.store_dtype
+    if choice in (None, "source"):
+        choice = {"bfloat16": "bf16", "float16": "fp16"}.get(source_dtype(args.model), "fp32")
+    return None if choice == "fp32" else choice
+
+
+def _run_single(args, recipe, model, tokenizer, model_name, eval_windows, extra_eval, t0) -> int:
+    """``--out DIR``: quantize once, evaluate the result (unless --no-eval) and save it; no FP evaluation, copy or
+    sampling unless asked."""
+    import dataclasses
+
+    import hadakit
+    from hadakit.models import perplexity
+    from hadakit.models.compare import PeakMemory, peak_rss_mb
+    from hadakit.models.data import calibration_windows
+    from hadakit.models.evaluate import generate_samples
+
+    device = next(model.parameters()).device
+    recipe = dataclasses.replace(recipe, calib_windows=args.calib_windows or recipe.calib_windows,
+                                 calib_len=args.calib_len or recipe.calib_len,
+                                 store_dtype=_store_dtype(args, recipe, model))
+    label = recipe.label()
+    eval_tokens = eval_windows.build(tokenizer).to(device)
+    fp_ppl = None
+    if args.eval_fp:
+        _log("evaluating the unquantized model")
+        fp_ppl = perplexity(model, eval_tokens, progress=False)
+        print(f"{'fp':<28} PPL {fp_ppl:>10.2f}", flush=True)
+    calib = None
+    if recipe.needs_calibration:
+        calib = calibration_windows(tokenizer, args.calib_text, n_windows=recipe.calib_windows,
+                                    window=recipe.calib_len).to(device)
+    _log(f"[{label}] quantizing")
+    with PeakMemory() as mem:
+        report = hadakit.quantize(model, recipe, calib, progress=lambda s: _log(f"[{label}] {s}"))
+    ppl = extra = None
+    if not args.no_eval:
+        _log(f"[{label}] evaluating perplexity")
+        ppl = perplexity(model, eval_tokens, progress=False)
+        extra = {w.text: perplexity(model, w.build(tokenizer).to(device), progress=False) for w in extra_eval}
+        print(f"{label:<28} PPL {ppl:>10.2f}" + (f"  x{ppl / fp_ppl:.3f}" if fp_ppl else "")
+              + "".join(f"  {t} {v:.2f}" for t, v in extra.items())
+              + f"  bits/w {report.weight_bits:.3f}  quantize {report.seconds:.1f}s", flush=True)
+    if args.samples:
+        for line in generate_samples(model, tokenizer, ["To be, or not to be,", "My lord, the king"],
+                                     max_new_tokens=16):
+            print(f"    {line!r}", flush=True)
+    calibration = report.calibration_info()
+    if calibration is not None:
+        calibration["text"] = args.calib_text  # the token windows were cut from it (calibration_windows)
+    extra_meta = dict(ppl=ppl, fp_ppl=fp_ppl, extra_ppl=extra, source=model_name, calibration=calibration,
+                      quantize_s=report.seconds, peak_rss_mb_quantize=mem.peak_mb)
+    if ppl is not None:
+        extra_meta["eval"] = eval_record(eval_windows)
+    if args.format:
+        import tempfile
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.ckpt-", dir=out.parent) as tmp:
+            ckpt = hadakit.save(model, Path(tmp) / "ckpt", tokenizer, extra=extra_meta)
+            from hadakit.cli.export import run_export
+
+            path = Path(args.out)
+            run_export(argparse.Namespace(checkpoint=str(ckpt), out=str(path), format=args.format,
+                                          force=args.force))
+        reproduce = ""
+    else:
+        path = hadakit.save(model, args.out, tokenizer, force=args.force, extra=extra_meta)
+        reproduce = f"; reproduce with: hadakit eval {path}" if ppl is not None else ""
+    from hadakit.models.checkpoint import checkpoint_size_bytes
+
+    print(f"saved {path} ({checkpoint_size_bytes(path) / 1e6:.1f} MB, unquantized tensors in "
+          f"{recipe.store_dtype or 'fp32'}){reproduce}")
+    print(f"peak memory (RSS) {peak_rss_mb():.0f} MB; total {time.perf_counter() - t0:.0f} s")
     return 0
 
 

@@ -111,13 +111,21 @@ class VLLMCompatibilityWarning(UserWarning):
 
 def _ct():
     try:
-        import compressed_tensors  # noqa: F401
+        import compressed_tensors
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError("exporting to compressed-tensors needs the package compressed-tensors: "
                           "pip install 'hadakit[export]'") from None
-    import compressed_tensors
-
     return compressed_tensors
+
+
+def check_export_dir(out_dir: str | Path, *, force: bool = False) -> Path:
+    """Raise before any work when ``out_dir`` cannot take an export (the rules of :mod:`hadakit.outdir`: ``force``
+    only replaces a previous export) or compressed-tensors is not installed; return it as a ``Path``."""
+    _ct()
+    try:
+        return check_output_dir(out_dir, force=force, marker=EXPORT_MARKER, is_ours=_is_export_marker, what="export")
+    except OutputDirError as exc:
+        raise ExportTargetError(str(exc)) from None
 
 
 def _kind(scheme) -> str:

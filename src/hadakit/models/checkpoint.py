@@ -258,9 +258,14 @@ def read_checkpoint_meta(root: str | Path) -> tuple[dict, QuantRecipe]:
     return meta, recipe
 
 
-def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu", cache_weights: bool = False
+                         ) -> tuple[nn.Module, Any]:
     """Load a checkpoint written by ``save_quantized_model``: an ordinary transformers model (same ``forward``,
-    returns logits) whose quantized linears are ``RotatedQuantLinear`` modules, and its tokenizer."""
+    returns logits) whose quantized linears are ``RotatedQuantLinear`` modules, and its tokenizer.
+
+    The quantized weights stay packed in memory (registered buffers: ``.to()`` and ``state_dict()`` see them) and are
+    dequantized at each forward; ``cache_weights=True`` keeps one dequantized copy per linear instead (faster
+    forwards, fp32-sized memory). Both give the same float32 logits bit for bit."""
     from safetensors.torch import load_file
 
     from hadakit.models.kv_cache import K_CENTER, V_CENTER, install_kv_quantization
@@ -291,7 +296,7 @@ def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu"
             _check_stored_scheme(root, name, packed.scheme, recipe)
             for k in [k for k in state if k.startswith(prefix)]:
                 del state[k]
-            weight = packed.dequantize(torch.float32)
+            weight = None  # packed-only: the forward dequantizes (RotatedQuantLinear)
         else:
             packed, weight = None, state.pop(f"{name}.weight")
         bias = state.pop(f"{name}.bias", None)
@@ -304,7 +309,8 @@ def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu"
             transform = KroneckerTransform.from_factors(state.pop(f"{name}.transform.a"),
                                                         state.pop(f"{name}.transform.b"), lm["transform"])
         new = RotatedQuantLinear(lm["in_features"], lm["out_features"], weight=weight, bias=bias, packed=packed,
-                                 rotation=rotation, act_scheme=act, smooth=smooth, transform=transform)
+                                 rotation=rotation, act_scheme=act, smooth=smooth, transform=transform,
+                                 cache_dequantized=cache_weights and packed is not None)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)

@@ -38,6 +38,7 @@ __all__ = [
     "gguf_cache_dir",
     "load_model",
     "model_class_by_name",
+    "source_dtype",
     "tokenizer_files",
 ]
 
@@ -319,6 +320,24 @@ def _check_hf_dir(path: Path) -> None:
             f"{str(path)!r} has a config.json but no weights (*.safetensors or pytorch_model*.bin); "
             f"pass a complete model directory"
         )
+
+
+def source_dtype(path: str | Path | None) -> str:
+    """The dtype the model at ``path`` was distributed in (``"bfloat16"``, ``"float16"`` or ``"float32"``): what its
+    unquantized tensors are stored in by default. A GGUF file (and ``None``, the built-in Gemma GGUF) holds
+    quantized blocks, not fp32 weights: ``"bfloat16"``. A Hugging Face directory: its ``config.json``'s ``dtype``
+    (``torch_dtype``), ``"float32"`` when it names none."""
+    if path is None:
+        return "bfloat16"
+    path = Path(path)
+    if path.is_file() or path.suffix.lower() == ".gguf":
+        return "bfloat16"
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    name = raw.get("dtype") or raw.get("torch_dtype") if isinstance(raw, dict) else None
+    return name if name in ("bfloat16", "float16", "float32") else "float32"
 
 
 def model_class_by_name(name: Any, where: str) -> Any:
