@@ -253,3 +253,22 @@ def test_generate_samples_is_greedy_and_deterministic(gemma):
     assert first[0].startswith(", that is the question")
     assert generate_samples(model, tok, prompts[:1], max_new_tokens=5) == first[:1]
     assert model.config.use_cache is False  # generation used a KV cache without changing the model's setting
+
+
+def test_one_gguf_parse_shares_one_reader_per_file_and_restores_gguf(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from hadakit.models.loading import one_gguf_parse
+
+    a = _write_gguf(tmp_path / "a.gguf", "llama")
+    b = _write_gguf(tmp_path / "b.gguf", "llama", n=64)
+    original = gguf.GGUFReader
+    with one_gguf_parse():
+        first = gguf.GGUFReader(str(a))
+        assert gguf.GGUFReader(a) is first  # str or Path: one parse
+        other = gguf.GGUFReader(str(b))
+        assert other is not first and len(other.tensors[0].data) == 64
+    assert gguf.GGUFReader is original
+    assert gguf.GGUFReader(str(a)) is not first  # outside: a fresh parse, as before
+    with pytest.raises(RuntimeError), one_gguf_parse():
+        raise RuntimeError("conversion failed")
+    assert gguf.GGUFReader is original  # restored on errors too

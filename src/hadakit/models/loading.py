@@ -16,6 +16,7 @@ transformers' own ``PreTrainedModel`` subclasses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -464,12 +465,37 @@ def _load_gguf_uncached(path: Path) -> tuple[Any, Any]:
     except ImportError:  # transformers versions without the packed GGUF path always dequantize
         GgufConfig = None
     kwargs: dict[str, Any] = {"gguf_file": str(path), **HF_SAFE}
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
-    if GgufConfig is not None:
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kwargs)
+    with one_gguf_parse():
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+        if GgufConfig is not None:
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kwargs)
     _drop_gguf_quantization(model)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def one_gguf_parse():
+    """While active, ``gguf.GGUFReader(path)`` parses each file once and hands the same (read-only) reader to every
+    caller. transformers reads a GGUF file three times to load one model (config, tokenizer, weights), and parsing
+    Gemma 3's 262k-token vocabulary takes ~25 s each time on a 2-core CPU. ``gguf.GGUFReader`` is restored on
+    exit, also on errors."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple, Any] = {}
+
+    def shared_reader(path, *args, **kwargs):
+        key = (os.path.realpath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def _write_cache(model: Any, tokenizer: Any, source: Path, target: Path) -> None:
