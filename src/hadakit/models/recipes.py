@@ -50,12 +50,19 @@ option              meaning
 ``kvcenter``        keys and values quantized around calibrated per-channel centers (``Q(x − μ) + μ``)
 ``sinks=K``         the first ``K`` positions of the KV cache stay in full precision (attention sinks)
 ==================  ===============================================================================================
+
+Two forms of a recipe: the string ``NAME[:ROTATION[:METHOD[:OPTIONS]]]`` (``get_recipe``; ``QuantRecipe.spec()``
+writes the canonical one, ``get_recipe(r.spec()) == r``) and the JSON of ``to_dict`` / ``from_dict`` (``save`` /
+``load``), which is lossless: fields no string sets (``skip``, ``calib_windows``, ``rotation.seed``, a custom scheme
+dict, ...) make ``spec()`` raise, naming them. Both forms, and direct construction, are checked by the same rules
+(``QuantRecipe._validate``), so each mistake gets one error naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +73,25 @@ ROTATIONS = ("none", "hadamard", "random", "block")
 METHODS = ("rtn", "gptq")
 LEARNED = (None, "orthogonal", "affine")
 STORE_DTYPES = (None, "bf16", "fp16")
+LEARN_STEPS = 40  # learn_steps' default (option steps=)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_bool(fname: str, v) -> None:
+    if not isinstance(v, bool):
+        raise ValueError(f"recipe field {fname} must be true or false, got {v!r} ({type(v).__name__})")
+
+
+def _check_int(fname: str, v, lo: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+        raise ValueError(f"recipe field {fname} must be a whole number >= {lo}, got {v!r} ({type(v).__name__})")
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 @dataclass(frozen=True)
@@ -77,7 +103,7 @@ class RotationConfig:
     fallback: str | None = "dct"
 
     def __post_init__(self):
-        if self.kind not in ROTATIONS:
+        if not isinstance(self.kind, str) or self.kind not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.kind!r}")
         if self.kind == "block" and not self.block_size:
             raise ValueError("rotation 'block' needs a block_size (e.g. 32 or 128)")
@@ -85,6 +111,15 @@ class RotationConfig:
                                             or self.block_size < 1):
             raise ValueError(f"rotation block_size must be a positive integer (e.g. 32 or 128), got "
                              f"{self.block_size!r}")
+        if self.block_size is not None and self.kind != "block":
+            raise ValueError(f"rotation block_size={self.block_size} applies to kind 'block' only (block-N), not "
+                             f"{self.kind!r}: set kind 'block' or block_size null")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"rotation seed must be a whole number (e.g. 0), got {self.seed!r}")
+        from hadakit.transforms.plan import FALLBACKS
+
+        if self.fallback is not None and (not isinstance(self.fallback, str) or self.fallback not in FALLBACKS):
+            raise ValueError(f"rotation fallback must be one of {(None, *FALLBACKS)}, got {self.fallback!r}")
 
     def label(self) -> str:
         return f"block-{self.block_size}" if self.kind == "block" else self.kind
@@ -122,7 +157,7 @@ class QuantRecipe:
     act_clip: float | str | None = None
     weight_clip: bool = False
     learned: str | None = None
-    learn_steps: int = 40
+    learn_steps: int = LEARN_STEPS
     calib_rows: int = 1024
     kv_sink_tokens: int = 0
     kv_center: bool = False
@@ -137,37 +172,96 @@ class QuantRecipe:
     store_dtype: str | None = None
 
     def __post_init__(self):
-        if self.method not in METHODS:
+        if not isinstance(self.skip, (list, tuple)) or not all(isinstance(x, str) for x in self.skip):
+            raise ValueError(f"recipe field skip must be a list of module-name substrings (e.g. "
+                             f"[\"lm_head\", \"embed\"], or [] for none), got {self.skip!r}")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        self._validate()
+
+    def _validate(self) -> None:
+        """Every rule on the fields, in one place: a recipe string (``get_recipe``), a recipe JSON
+        (``from_dict`` / ``load``), ``dataclasses.replace`` and direct construction all end here, so each gets the
+        same error. Messages name the field (and, where one sets it, the string option)."""
+        if not isinstance(self.name, str):
+            raise ValueError(f"recipe field name must be a string, got {self.name!r}")
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.gptq, GPTQConfig):
+            raise ValueError(f"recipe field gptq must be a GPTQConfig (in JSON an object with keys "
+                             f"{_field_names(GPTQConfig)}), got {self.gptq!r}")
+        if not isinstance(self.rotation, RotationConfig):
+            raise ValueError(f"recipe field rotation must be a RotationConfig (in JSON an object with keys "
+                             f"{_field_names(RotationConfig)}), got {self.rotation!r}")
+        for fname in ("kv_rotation", "weight_clip", "kv_center", "fuse_values", "sequential"):
+            _check_bool(fname, getattr(self, fname))
+        _check_bool("gptq.act_order", self.gptq.act_order)
+        for fname, lo in (("calib_windows", 1), ("calib_len", 1), ("calib_rows", 1), ("learn_steps", 1),
+                          ("kv_sink_tokens", 0)):
+            _check_int(fname, getattr(self, fname), lo)
+        _check_int("gptq.block_size", self.gptq.block_size, 1)
+        _check_int("gptq.refit", self.gptq.refit, 0)
+        if not _is_number(self.gptq.damp) or not 0.0 <= self.gptq.damp < float("inf"):
+            raise ValueError(f"recipe field gptq.damp must be a number >= 0 (e.g. 0.01), got {self.gptq.damp!r}")
         for fname, lo in (("smooth", 0.0), ("act_clip", 1e-9)):
             v = getattr(self, fname)
-            if v is not None and v != "search" and not (isinstance(v, (int, float)) and lo <= float(v) <= 1.0):
+            if v is not None and v != "search" and not (_is_number(v) and lo <= float(v) <= 1.0):
                 raise ValueError(f"{fname} must be a number in [{lo:g}, 1] or 'search', got {v!r}")
         if self.learned not in LEARNED:
             raise ValueError(f"learned must be one of {LEARNED}, got {self.learned!r}")
-        if self.kv_sink_tokens < 0 or self.learn_steps < 0 or self.calib_rows < 1:
-            raise ValueError("kv_sink_tokens and learn_steps must be >= 0 and calib_rows >= 1")
+        if not _is_number(self.fp_target) or not 0.0 <= float(self.fp_target) <= 1.0:
+            raise ValueError(f"fp_target must be a strength in [0, 1] (0 = off), got {self.fp_target!r}")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ValueError(f"store_dtype must be one of {STORE_DTYPES}, got {self.store_dtype!r}")
+        from hadakit.formats import get_scheme  # validate scheme names early, with the formats layer's message
+
+        for fname in ("weight", "act", "kv"):
+            v = getattr(self, fname)
+            if v is not None:
+                try:
+                    get_scheme(v)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"recipe field {fname}: {exc}") from None
+
+        # Cross-field rules (what the string options imply or need).
         if (self.smooth is not None or self.act_clip == "search" or self.learned) and self.weight is None \
                 and self.act is None:
             raise ValueError("smooth / act_clip search / learned transforms need quantized weights or activations")
-        if self.fuse_values and self.rotation.kind not in ("hadamard", "random"):
-            raise ValueError(f"fusevo fuses part of a full rotation of o_proj's input into v_proj: it needs rotation "
-                             f"'hadamard' or 'random', not {self.rotation.label()!r}")
-        if not 0.0 <= float(self.fp_target) <= 1.0:
-            raise ValueError(f"fp_target must be a strength in [0, 1] (0 = off), got {self.fp_target!r}")
-        if self.fp_target and (self.method != "gptq" or not self.sequential):
+        if self.weight_clip and self.weight is None:
+            raise ValueError(f"weight_clip (option wclip) clips the weights: recipe {self.name!r} quantizes no "
+                             f"weights; leave it out")
+        if self.learn_steps != LEARN_STEPS and not self.learned:
+            raise ValueError(f"learn_steps={self.learn_steps} (option steps=) sets the optimization steps of a "
+                             f"learned transform: it does nothing without learned (option learn=, e.g. "
+                             f"learn=affine,steps=40)")
+        gptq_only = (("gptq.act_order=True", "actorder", self.gptq.act_order),
+                     (f"gptq.refit={self.gptq.refit}", "refit", self.gptq.refit),
+                     (f"fp_target={self.fp_target}", "fptarget", self.fp_target),
+                     # true-sequential inputs for the options fitted per linear are used by RTN too
+                     ("sequential=True", "seq", self.sequential and not self.fits_options))
+        for what, opt, on in gptq_only:
+            if not on:
+                continue
+            if self.method != "gptq":
+                extra = ", fit an option per linear with it (smooth, aclip=search, learn)," if opt == "seq" else ""
+                raise ValueError(f"{what} (option {opt}) changes how GPTQ quantizes the weights: it does nothing "
+                                 f"with method {self.method!r}; use method gptq (NAME:ROTATION:gptq:{opt}){extra} "
+                                 f"or leave it out")
+            if self.weight is None:
+                raise ValueError(f"{what} (option {opt}) changes how GPTQ quantizes the weights: recipe "
+                                 f"{self.name!r} quantizes no weights; leave it out")
+        if self.fp_target and not self.sequential:
             # Without true-sequential inputs, a linear would also correct drift that the (corrected) linears
             # before it in the same layer have already removed: measured worse than plain GPTQ on MiniLM.
             raise ValueError("fptarget corrects the weights GPTQ quantizes, against inputs from the already "
                              "quantized linears before it: it needs method 'gptq' and sequential=True (option seq)")
-        if self.store_dtype not in STORE_DTYPES:
-            raise ValueError(f"store_dtype must be one of {STORE_DTYPES}, got {self.store_dtype!r}")
-        object.__setattr__(self, "skip", tuple(self.skip))
-        from hadakit.formats import get_scheme  # validate scheme names early, with the formats layer's message
-
-        for s in (self.weight, self.act, self.kv):
-            if s is not None:
-                get_scheme(s)
+        if self.fuse_values and self.rotation.kind not in ("hadamard", "random"):
+            raise ValueError(f"fusevo fuses part of a full rotation of o_proj's input into v_proj: it needs rotation "
+                             f"'hadamard' or 'random', not {self.rotation.label()!r}")
+        if self.kv is None and self.kv_center:
+            raise ValueError(f"kv_center (option kvcenter): recipe {self.name!r} has no KV quantization")
+        if self.kv is None and self.kv_sink_tokens:
+            raise ValueError(f"kv_sink_tokens={self.kv_sink_tokens} (option sinks): recipe {self.name!r} has no KV "
+                             f"quantization")
 
     @property
     def needs_calibration(self) -> bool:
@@ -253,23 +347,138 @@ class QuantRecipe:
                      seed: int | None = None) -> "QuantRecipe":
         rot = self.rotation
         if rotation is not None or block_size is not None or seed is not None:
-            rot = dataclasses.replace(rot, kind=rotation or rot.kind, block_size=block_size or rot.block_size,
-                                      seed=rot.seed if seed is None else seed)
+            kind = rotation or rot.kind
+            # a block size belongs to a block rotation: another kind drops the old one (a new one is refused)
+            size = block_size if block_size is not None else rot.block_size if kind == "block" else None
+            rot = dataclasses.replace(rot, kind=kind, block_size=size, seed=rot.seed if seed is None else seed)
         return dataclasses.replace(self, rotation=rot, method=method or self.method)
 
+    # --- string form ------------------------------------------------------------------------------------------
+
+    def spec(self) -> str:
+        """The canonical recipe string, ``NAME:ROTATION:METHOD[:OPTIONS]``: ``get_recipe(r.spec()) == r``.
+
+        ``ROTATION`` is ``none`` / ``hadamard`` / ``random`` / ``block-N``; ``OPTIONS`` are those of the module
+        docstring, comma-separated, in one order (``smooth, aclip, wclip, actorder, refit, seq, fptarget, fusevo,
+        store, learn, steps, kvgroup, kvclip, kvcenter, sinks``), each only when it differs from the default, valued
+        ones always with their value (``refit=1``, ``fptarget=0.5``, ``learn=affine``), numbers in Python's
+        shortest round-trip form (``smooth=0.5``, ``aclip=1``); ``seq`` is left out next to ``fptarget``, which
+        implies it. Spellings that parse to the same recipe give the same spec.
+
+        Raises ``ValueError`` naming the field(s) when no string expresses the recipe (a name that is no preset,
+        schemes other than the preset's, ``gptq.damp`` / ``gptq.block_size``, ``rotation.seed`` /
+        ``rotation.fallback``, ``kv_rotation``, ``skip``, ``calib_windows`` / ``calib_len`` / ``calib_rows`` away
+        from their defaults, a block size without a Hadamard matrix): the JSON of :meth:`to_dict` / :meth:`save`
+        is then the lossless form. Nothing is dropped silently: the string is parsed back and compared.
+        """
+        lossless = "JSON (QuantRecipe.to_dict / save) is this recipe's lossless form"
+        if self.name not in _PRESETS:
+            raise ValueError(f"recipe field name={self.name!r} has no string form: a recipe string starts with a "
+                             f"preset ({', '.join(_PRESETS)}); {lossless}")
+        preset = _PRESETS[self.name]
+        for fname in ("weight", "act"):
+            if getattr(self, fname) != preset.get(fname):
+                raise ValueError(f"recipe field {fname}={getattr(self, fname)!r} has no string form: preset "
+                                 f"{self.name!r} sets {preset.get(fname)!r}; {lossless}")
+        if (self.kv is None) != (preset.get("kv") is None):
+            raise ValueError(f"recipe field kv={self.kv!r} has no string form: preset {self.name!r} sets "
+                             f"{preset.get('kv')!r} (options change only its group size and clipping); {lossless}")
+        rot = self.rotation
+        if rot.kind == "block":
+            from hadakit.transforms.plan import supported
+
+            if not supported(rot.block_size):
+                raise ValueError(f"recipe field rotation.block_size={rot.block_size} has no string form: block-N "
+                                 f"takes a size with a Hadamard matrix; {lossless}")
+        opts = self._spec_options()
+        text = f"{self.name}:{rot.label()}:{self.method}" + (":" + ",".join(opts) if opts else "")
+        try:
+            back = get_recipe(text)
+        except ValueError as exc:  # not expected: every rule the parser applies is one of _validate's
+            raise ValueError(f"recipe has no string form: {text!r} does not parse back ({exc}); {lossless}") from None
+        diff = _field_diff(self, back)
+        if diff:
+            shown = ", ".join(f"{k}={mine!r} (the string form gives {theirs!r})" for k, mine, theirs in diff)
+            raise ValueError(f"recipe field{'s' if len(diff) > 1 else ''} {shown} "
+                             f"{'have' if len(diff) > 1 else 'has'} no string form; {lossless}")
+        return text
+
+    def __str__(self) -> str:
+        """:meth:`spec` where a string expresses the recipe, else the full ``repr`` (``str()`` never raises)."""
+        try:
+            return self.spec()
+        except ValueError:
+            return repr(self)
+
+    def _spec_options(self) -> list[str]:
+        """The options of :meth:`spec`, canonical order, defaults left out."""
+        out = []
+        if self.smooth is not None:
+            out.append(f"smooth={_number_text(self.smooth)}")
+        if self.act_clip is not None:
+            out.append(f"aclip={_number_text(self.act_clip)}")
+        if self.weight_clip:
+            out.append("wclip")
+        if self.gptq.act_order:
+            out.append("actorder")
+        if self.gptq.refit:
+            out.append(f"refit={self.gptq.refit}")
+        if self.sequential and not self.fp_target:  # fptarget implies seq
+            out.append("seq")
+        if self.fp_target:
+            out.append(f"fptarget={_number_text(self.fp_target)}")
+        if self.fuse_values:
+            out.append("fusevo")
+        if self.store_dtype:
+            out.append(f"store={self.store_dtype}")
+        if self.learned:
+            out.append(f"learn={self.learned}")
+        if self.learn_steps != LEARN_STEPS:
+            out.append(f"steps={self.learn_steps}")
+        base = _PRESETS.get(self.name, {}).get("kv")
+        if self.kv is not None and base is not None:
+            from hadakit.formats import get_scheme
+
+            kv, ref = get_scheme(self.kv), get_scheme(base)
+            if kv.granularity == "group" and (ref.granularity != "group" or kv.group_size != ref.group_size):
+                out.append(f"kvgroup={kv.group_size}")
+            if kv.clip_search and not ref.clip_search:
+                out.append("kvclip")
+        if self.kv_center:
+            out.append("kvcenter")
+        if self.kv_sink_tokens:
+            out.append(f"sinks={self.kv_sink_tokens}")
+        return out
+
+    # --- JSON form --------------------------------------------------------------------------------------------
+
     def to_dict(self) -> dict:
+        """Every field (``gptq`` and ``rotation`` as nested objects): ``from_dict(json.loads(json.dumps(d)))``
+        gives the recipe back, equal."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantRecipe":
-        d = dict(d)
-        d["gptq"] = GPTQConfig(**d.get("gptq", {}))
-        d["rotation"] = RotationConfig(**d.get("rotation", {}))
-        d["skip"] = tuple(d.get("skip", ()))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        """The recipe of a :meth:`to_dict` (a ``recipe.json``). A missing key takes the field's default; an unknown
+        key (top level, in ``gptq`` or in ``rotation``), a value of the wrong type or out of range, and settings
+        that contradict each other raise ``ValueError`` naming the key and what it accepts."""
+        known = _field_names(cls)
+        if not isinstance(d, dict):
+            raise ValueError(f"a recipe must be a JSON object with keys from {known}, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(known), key=str)
         if unknown:
-            raise ValueError(f"unknown recipe fields {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(f"unknown recipe fields {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        for key, sub in (("gptq", GPTQConfig), ("rotation", RotationConfig)):
+            if key not in d:
+                continue
+            v, names = d[key], _field_names(sub)
+            if not isinstance(v, dict):
+                raise ValueError(f"recipe field {key} must be an object with keys from {names}, got {v!r}")
+            bad = sorted(set(v) - set(names), key=str)
+            if bad:
+                raise ValueError(f"unknown recipe {key} fields {bad}; known: {sorted(names)}")
+            d[key] = sub(**v)
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -309,8 +518,10 @@ def list_recipes() -> list[str]:
 
 
 def get_recipe(spec: str | QuantRecipe, **overrides) -> QuantRecipe:
-    """A preset by name, optionally as ``name:rotation[:method]`` (e.g. ``"w4a4:random:gptq"``,
-    ``"w4a16_g128:block-128:gptq"``), or a recipe JSON file path; ``overrides`` replace fields."""
+    """A preset by name, optionally as ``name:rotation[:method[:options]]`` (e.g. ``"w4a4:random:gptq"``,
+    ``"w4a16_g128:block-128:gptq:refit=2,store=bf16"``), or a recipe JSON file path; ``overrides`` replace
+    fields. An empty rotation or method keeps the preset's (``none`` / ``rtn``). :meth:`QuantRecipe.spec` is the
+    canonical string of a recipe: ``get_recipe(r.spec()) == r``."""
     if isinstance(spec, QuantRecipe):
         return dataclasses.replace(spec, **overrides) if overrides else spec
     if spec.endswith(".json"):
@@ -318,6 +529,8 @@ def get_recipe(spec: str | QuantRecipe, **overrides) -> QuantRecipe:
     name, *opts = spec.split(":")
     if name not in _PRESETS:
         raise ValueError(f"unknown recipe {name!r}; presets: {', '.join(_PRESETS)} (or a recipe .json file)")
+    if len(opts) > 3:
+        raise ValueError(f"recipe spec {spec!r}: expected name[:rotation[:method[:options]]]")
     recipe = QuantRecipe(name=name, **_PRESETS[name])
     if opts:
         rot = opts[0]
@@ -327,8 +540,6 @@ def get_recipe(spec: str | QuantRecipe, **overrides) -> QuantRecipe:
         recipe = recipe.with_options(rotation=rot, block_size=block, method=opts[1] if len(opts) > 1 else None)
         if len(opts) > 2:
             recipe = apply_options(recipe, opts[2])
-        if len(opts) > 3:
-            raise ValueError(f"recipe spec {spec!r}: expected name[:rotation[:method[:options]]]")
     return dataclasses.replace(recipe, **overrides) if overrides else recipe
 
 
@@ -404,36 +615,38 @@ def _whole_number(key: str, value: str | None, lo: int, example: str) -> int:
 
 
 _FLAGS = ("wclip", "fusevo", "actorder", "seq", "kvclip", "kvcenter")  # options that take no value
-_GPTQ_ONLY = ("actorder", "refit", "fptarget", "seq")  # options that only change what GPTQ does
 
 
 def _check_option_use(recipe: QuantRecipe, changes: dict, given: list[str]) -> None:
-    """Refuse options (keys ``given``) that would do nothing for ``recipe`` with ``changes`` applied (its method,
-    its quantized tensors); checked before the recipe is built, so that its own checks do not answer first."""
-    def get(name):
-        return changes.get(name, getattr(recipe, name))
-
-    fits = get("smooth") is not None or get("act_clip") == "search" or bool(get("learned"))  # see fits_options
+    """Refuse options (keys ``given``) that would do nothing for ``recipe`` with ``changes`` applied where the
+    recipe itself cannot tell: a value equal to the default (``steps=40`` without ``learn``, ``sinks=0`` without a
+    KV scheme). Every rule on the resulting fields is ``QuantRecipe._validate``'s."""
     for key in given:
-        if key in _GPTQ_ONLY:
-            if key == "seq" and fits:
-                continue  # true-sequential inputs for the options fitted per linear: used by RTN too
-            if recipe.method != "gptq":
-                extra = ", fit an option per linear with it (smooth, aclip=search, learn)," if key == "seq" else ""
-                raise ValueError(f"recipe option {key} changes how GPTQ quantizes the weights: it does nothing with "
-                                 f"method {recipe.method!r}; use method gptq (NAME:ROTATION:gptq:{key}){extra} or "
-                                 f"leave it out")
-            if recipe.weight is None:
-                raise ValueError(f"recipe option {key} changes how GPTQ quantizes the weights: recipe "
-                                 f"{recipe.name!r} quantizes no weights; leave it out")
-        elif key == "wclip" and recipe.weight is None:
-            raise ValueError(f"recipe option wclip clips the weights: recipe {recipe.name!r} quantizes no weights; "
-                             f"leave it out")
-        elif key == "steps" and not get("learned"):
+        if key == "steps" and not changes.get("learned", recipe.learned):
             raise ValueError("recipe option steps= sets the optimization steps of a learned transform: it does "
                              "nothing without learn= (e.g. learn=affine,steps=40)")
-        elif key == "sinks" and recipe.kv is None:
+        if key == "sinks" and recipe.kv is None:
             raise ValueError(f"recipe option sinks: recipe {recipe.name!r} has no KV quantization")
+
+
+def _number_text(v) -> str:
+    """A number (or ``'search'``) as a spec writes it: the shortest text that reads back to the same float."""
+    if isinstance(v, str):
+        return v
+    text = repr(float(v))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _field_diff(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(field, a's value, b's value)`` for every field where two recipes (or sub-configs) differ."""
+    out = []
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x) and type(x) is type(y):
+            out += _field_diff(x, y, f"{prefix}{f.name}.")
+        elif x != y:
+            out.append((prefix + f.name, x, y))
+    return out
 
 
 def _number_or_search(key: str, value: str | None):
@@ -493,8 +706,6 @@ def apply_options(recipe: QuantRecipe, options: str) -> QuantRecipe:
         elif key == "sinks":
             changes["kv_sink_tokens"] = _whole_number(key, value, 0, "4")
         elif key == "kvcenter":
-            if recipe.kv is None:
-                raise ValueError(f"recipe option kvcenter: recipe {recipe.name!r} has no KV quantization")
             changes["kv_center"] = True
         elif key in ("kvgroup", "kvclip"):
             if recipe.kv is None:
