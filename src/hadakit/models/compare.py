@@ -157,7 +157,6 @@ class CompareResult:
     device: str
     rows: list[CompareRow] = field(default_factory=list)
     extra_eval: list[dict] = field(default_factory=list)
-    last_model: Any = None  # the last recipe's quantized model, when asked to keep it (for saving)
 
     def to_dict(self) -> dict:
         return dict(model=self.model, eval=self.eval, calibration=self.calibration, device=self.device,
@@ -297,7 +296,6 @@ def run_comparison(
     sample_tokens: int = 16,
     progress: Callable[[str], None] = print,
     on_row: Callable[[CompareRow], None] | None = None,
-    keep_last: bool = False,
     extra_eval: tuple[TextWindows, ...] = (),
 ) -> CompareResult:
     """Quantize a copy of ``model`` with each recipe and evaluate it (see the module docstring); ``extra_eval``
@@ -354,8 +352,6 @@ def run_comparison(
         result.rows.append(row)
         if on_row:
             on_row(row)
-        if keep_last and recipe is resolved[-1]:
-            result.last_model = m
         del m
     return result
 
