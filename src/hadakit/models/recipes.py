@@ -297,36 +297,9 @@ class QuantRecipe:
         return s.replace(clip_ratio=float(self.act_clip)) if isinstance(self.act_clip, (int, float)) else s
 
     def option_labels(self) -> list[str]:
-        out = []
-        if self.smooth is not None:
-            out.append(f"smooth={self.smooth}")
-        if self.act_clip is not None:
-            out.append(f"aclip={self.act_clip}")
-        if self.weight_clip:
-            out.append("wclip")
-        if self.method == "gptq" and self.gptq.act_order:
-            out.append("actorder")
-        if self.method == "gptq" and self.gptq.refit:
-            out.append(f"refit={self.gptq.refit}")
-        if self.sequential:
-            out.append("seq")
-        if self.fp_target:
-            out.append(f"fptarget={self.fp_target:g}")
-        if self.fuse_values:
-            out.append("fusevo")
-        if self.store_dtype:
-            out.append(f"store={self.store_dtype}")
-        if self.learned:
-            out.append(f"learn={self.learned}")
-        if self.kv is not None and isinstance(self.kv, dict) and self.kv.get("granularity") == "group":
-            out.append(f"kvgroup={self.kv['group_size']}")
-        if self.kv is not None and isinstance(self.kv, dict) and self.kv.get("clip_search"):
-            out.append("kvclip")
-        if self.kv_center:
-            out.append("kvcenter")
-        if self.kv_sink_tokens:
-            out.append(f"sinks={self.kv_sink_tokens}")
-        return out
+        """The options shown in :meth:`label` (the canonical ones of :meth:`spec`, with ``seq`` also shown beside
+        ``fptarget``, which implies it)."""
+        return self._spec_options(display=True)
 
     @property
     def quantizes_linears(self) -> bool:
@@ -410,8 +383,8 @@ class QuantRecipe:
         except ValueError:
             return repr(self)
 
-    def _spec_options(self) -> list[str]:
-        """The options of :meth:`spec`, canonical order, defaults left out."""
+    def _spec_options(self, *, display: bool = False) -> list[str]:
+        """The options of :meth:`spec`, canonical order, defaults left out (``display``: for :meth:`label`)."""
         out = []
         if self.smooth is not None:
             out.append(f"smooth={_number_text(self.smooth)}")
@@ -423,7 +396,7 @@ class QuantRecipe:
             out.append("actorder")
         if self.gptq.refit:
             out.append(f"refit={self.gptq.refit}")
-        if self.sequential and not self.fp_target:  # fptarget implies seq
+        if self.sequential and (display or not self.fp_target):  # fptarget implies seq
             out.append("seq")
         if self.fp_target:
             out.append(f"fptarget={_number_text(self.fp_target)}")
