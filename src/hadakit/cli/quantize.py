@@ -115,7 +115,8 @@ def run_quantize(args: argparse.Namespace) -> int:
                        for t in (args.also_eval or ()))
     t0 = time.perf_counter()
     _log(f"loading {args.model or 'the built-in Gemma 3 270M (GGUF)'}")
-    model, tokenizer = load_model(args.model, device=device)
+    # materialize: the weights in ordinary memory, so replaced linears are freed (not pinned by the file mapping)
+    model, tokenizer = load_model(args.model, device=device, materialize=True)
     model_name = str(args.model or "gemma-3-270m (Q4_K_M GGUF, dequantized to fp32)")
     _log(f"loaded in {time.perf_counter() - t0:.0f} s")
     if tokenizer is None:
@@ -203,7 +204,7 @@ def _run_single(args, recipe, model, tokenizer, model_name, eval_windows, extra_
                                     window=recipe.calib_len).to(device)
     _log(f"[{label}] quantizing")
     with PeakMemory() as mem:
-        report = hadakit.quantize(model, recipe, calib, progress=lambda s: _log(f"[{label}] {s}"))
+        report = hadakit.quantize(model, recipe, calib, progress=lambda s: _log(f"[{label}] {s}"), keep_dense=False)
     ppl = extra = None
     if not args.no_eval:
         _log(f"[{label}] evaluating perplexity")

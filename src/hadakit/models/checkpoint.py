@@ -110,9 +110,11 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     half precision), else as it is: loading copies it back into the model's own dtype unchanged."""
     if t.dtype not in (torch.float32, torch.float64):
         return t
+    flat, step = t.reshape(-1), 1 << 22  # compared in chunks: no second full-size copy of a large embedding
     for half in (torch.bfloat16, torch.float16):
         h = t.to(half)
-        if torch.equal(h.to(t.dtype), t):
+        hf = h.reshape(-1)
+        if all(torch.equal(hf[a:a + step].to(t.dtype), flat[a:a + step]) for a in range(0, flat.numel(), step)):
             return h
     return t
 

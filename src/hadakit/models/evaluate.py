@@ -7,7 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["embedding_cosine", "generate_samples", "perplexity", "sentence_embeddings", "window_nll"]
+__all__ = ["embedding_cosine", "generate_samples", "next_token_nll", "perplexity", "sentence_embeddings",
+           "window_nll"]
 
 
 def _device(model: Any) -> torch.device:
@@ -32,26 +33,56 @@ def _as_windows(windows: Any) -> torch.Tensor:
     return windows.long()
 
 
+NLL_CHUNK = 64  # positions per log-softmax in next_token_nll: 64 MB of float32 for Gemma's 262144-token vocabulary
+
+
+def next_token_nll(logits: torch.Tensor, targets: torch.Tensor, *, chunk: int | None = NLL_CHUNK) -> torch.Tensor:
+    """Summed NLL ``Σ −log softmax(logits[i])[targets[i]]`` over rows ``logits [N, V]``, ``targets [N]`` (float32,
+    as ``cross_entropy(logits.float(), targets, reduction="sum")``), bit for bit: the log-softmax runs on ``chunk``
+    rows at a time (each row's log-softmax is computed on its own, so it does not depend on the chunk) and the picked
+    log-probabilities are summed by ``nll_loss`` over all ``N`` rows at once, the very reduction ``cross_entropy``
+    ends in. Peak temporary memory: ``chunk × V`` floats instead of ``N × V``. ``chunk=None``: ``cross_entropy``."""
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"next_token_nll takes logits [N, V] and targets [N], got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be a positive number of rows or None, got {chunk}")
+    n = logits.shape[0]
+    if chunk is None or n <= chunk:
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    picked = torch.empty(n, 1, dtype=torch.float32, device=logits.device)
+    for a in range(0, n, chunk):
+        lsm = torch.log_softmax(logits[a:a + chunk].float(), dim=-1)
+        picked[a:a + chunk] = lsm.gather(1, targets[a:a + chunk, None])
+        del lsm
+    # nll_loss on the picked values [N, 1] (class 0 each): the same values summed in the same order as above
+    return torch.nn.functional.nll_loss(picked, torch.zeros(n, dtype=torch.long, device=logits.device),
+                                        reduction="sum")
+
+
 @torch.no_grad()
-def window_nll(model: Any, batch: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL of a batch of windows ``[b, L]`` (position 0 is not predicted) and the token count."""
+def window_nll(model: Any, batch: torch.Tensor, *, chunk: int | None = NLL_CHUNK) -> tuple[float, int]:
+    """Summed next-token NLL of a batch of windows ``[b, L]`` (position 0 is not predicted) and the token count.
+    ``chunk``: positions per log-softmax (see :func:`next_token_nll`; the result is the same for any value)."""
     batch = batch.to(_device(model))
     logits = model(input_ids=batch, use_cache=False).logits
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1]
     targets = batch[:, 1:]
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-    )
+    nll = next_token_nll(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), chunk=chunk)
+    del logits
     return float(nll.double()), targets.numel()
 
 
 @torch.no_grad()
-def perplexity(model: Any, windows: Any, *, batch_size: int = 1, progress: bool = True) -> float:
+def perplexity(model: Any, windows: Any, *, batch_size: int = 1, progress: bool = True,
+               chunk: int | None = NLL_CHUNK) -> float:
     """exp(mean next-token NLL) over all predicted positions of all windows.
 
     ``windows`` is a ``[n_windows, length]`` token tensor (:func:`hadakit.models.make_windows`); the first token of
     each window (BOS) is context only and never predicted, so ``n_windows * (length - 1)`` tokens are scored. The
-    NLL is computed from float32 log-softmax and accumulated in float64. ``progress`` shows a tqdm bar.
+    NLL is computed from float32 log-softmax and accumulated in float64. ``progress`` shows a tqdm bar. ``chunk``:
+    positions per log-softmax (:func:`next_token_nll`: the same result for any value, less memory for a large
+    vocabulary; ``None``: one ``cross_entropy`` over the whole batch).
     """
     windows = _as_windows(windows)
     if batch_size < 1:
@@ -66,7 +97,7 @@ def perplexity(model: Any, windows: Any, *, batch_size: int = 1, progress: bool 
         bar = tqdm(total=windows.shape[0], desc="perplexity", unit="window")
     try:
         for start in range(0, windows.shape[0], batch_size):
-            nll, n = window_nll(model, windows[start : start + batch_size])
+            nll, n = window_nll(model, windows[start : start + batch_size], chunk=chunk)
             total += nll
             count += n
             if bar is not None:

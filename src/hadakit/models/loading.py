@@ -38,6 +38,7 @@ __all__ = [
     "gguf_architecture",
     "gguf_cache_dir",
     "load_model",
+    "materialize_mapped_tensors",
     "model_class_by_name",
     "source_dtype",
     "tokenizer_files",
@@ -553,12 +554,114 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache: bool) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Memory-mapped weights
+# --------------------------------------------------------------------------------------------------------------
+
+_MADV_DONTNEED = 4  # Linux
+_COPY_CHUNK = 1 << 26  # bytes copied (and then released from the mapping) at a time
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges ``[start, end)`` of this process' file-backed memory mappings (``/proc/self/maps``; empty
+    where there is none to read)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as handle:
+            for line in handle:
+                parts = line.split(maxsplit=5)
+                if len(parts) < 6 or parts[4] == "0" or not parts[5].startswith("/"):
+                    continue  # anonymous memory (inode 0), [heap], [stack], ...
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                ranges.append((start, end))
+    except OSError:
+        return []
+    return sorted(ranges)
+
+
+def _madvise_dontneed():
+    """``madvise(addr, length, MADV_DONTNEED)`` through libc, or ``None`` off Linux."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return lambda addr, length: fn(addr, length, _MADV_DONTNEED)
+
+
+@torch.no_grad()
+def materialize_mapped_tensors(model: Any) -> int:
+    """Copy every CPU parameter and buffer of ``model`` that lives in a memory-mapped file (what ``from_pretrained``
+    returns for ``*.safetensors``: views of the file's mapping) into ordinary memory, in place (the tensors keep
+    their identity, shape, strides and values bit for bit); returns the bytes copied.
+
+    A mapped tensor's pages count in the process' resident memory once they are read, and the whole mapping stays
+    as long as any tensor uses it: a linear replaced by a quantized one (or a parameter rewritten in place, which
+    copies its pages on write) leaves its file pages resident for the life of the model. After this call the
+    mapping is released with the last tensor that used it, and a replaced weight frees its memory. The copy goes
+    ``_COPY_CHUNK`` bytes at a time, each chunk's pages dropped from the mapping right after it is copied
+    (``MADV_DONTNEED``; on Linux), so the copy itself never holds both. Off Linux (no ``/proc/self/maps``) nothing
+    is copied."""
+    mappings = _file_mappings()
+    if not mappings:
+        return 0
+    starts = [a for a, _ in mappings]
+    import bisect
+
+    def mapped(ptr: int) -> bool:
+        i = bisect.bisect_right(starts, ptr) - 1
+        return i >= 0 and ptr < mappings[i][1]
+
+    tensors: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for t in list(module._parameters.values()) + list(module._buffers.values()):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel() > 0:
+                tensors.setdefault(id(t), t)
+    by_storage: dict[int, list[torch.Tensor]] = {}
+    for t in tensors.values():
+        ptr = t.untyped_storage().data_ptr()
+        if mapped(ptr):
+            by_storage.setdefault(ptr, []).append(t)
+    if not by_storage:
+        return 0
+    advise = _madvise_dontneed()
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    copied = 0
+    for ptr, group in by_storage.items():
+        old = group[0].untyped_storage()
+        nbytes = old.nbytes()
+        new = torch.UntypedStorage(nbytes)
+        src = torch.empty(0, dtype=torch.uint8).set_(old, 0, (nbytes,), (1,))
+        dst = torch.empty(0, dtype=torch.uint8).set_(new, 0, (nbytes,), (1,))
+        released = -(-ptr // page) * page  # pages wholly inside this storage are released once copied
+        for a in range(0, nbytes, _COPY_CHUNK):
+            b = min(a + _COPY_CHUNK, nbytes)
+            dst[a:b].copy_(src[a:b])
+            upto = (ptr + b) // page * page
+            if advise is not None and upto > released:
+                advise(released, upto - released)
+                released = upto
+        del src, dst
+        for t in group:
+            t.set_(new, t.storage_offset(), t.size(), t.stride())
+        copied += nbytes
+    return copied
+
+
 def load_model(
     path: str | Path | None = None,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     cache: bool = True,
+    materialize: bool = False,
 ) -> tuple[Any, Any]:
     """Load a model and its tokenizer: ``(model, tokenizer)``.
 
@@ -567,6 +670,10 @@ def load_model(
     module docstring). The model is returned in eval mode on ``device`` in ``dtype``, with
     ``config.use_cache = False`` so plain forward passes (evaluation, calibration) build no KV cache;
     ``generate()`` still uses one (its generation config says so).
+
+    ``materialize``: on the CPU, copy the weights out of the safetensors file's memory mapping into ordinary memory
+    (:func:`materialize_mapped_tensors`; the same values bit for bit), so that weights replaced later (quantized
+    linears) give their memory back instead of leaving their file pages resident: ``hadakit quantize`` passes it.
 
     Raises:
         FileNotFoundError: nothing at ``path``.
@@ -590,6 +697,8 @@ def load_model(
                 )
         model, tokenizer = _load_gguf(path, dtype, cache)
     model = model.to(device)
+    if materialize:
+        materialize_mapped_tensors(model)
     model.eval()
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False

@@ -42,6 +42,7 @@ def quantize(
     add_bos: bool | None = None,
     progress: bool | Callable[[str], None] = True,
     device: str | torch.device | None = None,
+    keep_dense: bool = True,
 ) -> QuantizationReport:
     """Rotate and quantize ``model`` (any transformers model object) in place; returns what was done.
 
@@ -83,6 +84,9 @@ def quantize(
             ``logging.getLogger("hadakit")`` logger at INFO; to see them, configure logging (e.g.
             ``logging.basicConfig(level=logging.INFO)``). ``False``: no messages. A callable receives each message.
         device: move the model there first (it stays there) and calibrate there; ``None``: where the model is.
+        keep_dense: ``True`` keeps a dequantized fp32 copy of each quantized weight beside its packed codes (fastest
+            forwards); ``False`` keeps the codes only (each forward dequantizes; same logits bit for bit in float32,
+            ~400 MB less for Gemma 3 270M).
 
     Returns:
         The :class:`~hadakit.models.pipeline.QuantizationReport`: linears quantized and skipped, bits per weight,
@@ -171,7 +175,8 @@ def quantize(
         mask = mask.to(dev) if mask is not None else None
         say(f"calibration: {calib.shape[0]} windows of {calib.shape[1]} tokens ({_describe(kind)})")
     t0 = time.perf_counter()
-    report = quantize_model(model, recipe, calib=calib, attention_mask=mask, progress=say if progress else None)
+    report = quantize_model(model, recipe, calib=calib, attention_mask=mask, progress=say if progress else None,
+                            keep_dense=keep_dense)
     if report.calib_windows:
         report.calib_source, report.calib_path = kind, path
     say(f"{recipe.label()}: {len(report.quantized)} linears quantized in {time.perf_counter() - t0:.1f} s "
