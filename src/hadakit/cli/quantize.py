@@ -221,7 +221,7 @@ def _run_single(args, recipe, model, tokenizer, model_name, eval_windows, extra_
     if calibration is not None:
         calibration["text"] = args.calib_text  # the token windows were cut from it (calibration_windows)
     extra_meta = dict(ppl=ppl, fp_ppl=fp_ppl, extra_ppl=extra, source=model_name, calibration=calibration,
-                      quantize_s=report.seconds, peak_rss_mb_quantize=mem.peak_mb)
+                      quantize_s=report.seconds, peak_rss_gb_quantize=round(mem.peak_mb / 1e3, 3))
     if ppl is not None:
         extra_meta["eval"] = eval_record(eval_windows)
     if args.format:
@@ -244,7 +244,8 @@ def _run_single(args, recipe, model, tokenizer, model_name, eval_windows, extra_
 
     print(f"saved {path} ({checkpoint_size_bytes(path) / 1e6:.1f} MB, unquantized tensors in "
           f"{recipe.store_dtype or 'fp32'}){reproduce}")
-    print(f"peak memory (RSS) {peak_rss_mb():.0f} MB; total {time.perf_counter() - t0:.0f} s")
+    # peak_rss_mb() is getrusage's maximum in MiB; printed in GB (10^9 bytes) as `time -v`'s kB figure * 1.024e-6
+    print(f"peak memory (RSS) {peak_rss_mb() * 2**20 / 1e9:.2f} GB; total {time.perf_counter() - t0:.0f} s")
     return 0
 
 
