@@ -163,7 +163,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_dtype(args: argparse.Namespace, recipe, model) -> str | None:
+def _store_dtype(args: argparse.Namespace, recipe) -> str | None:
     """The recipe's store dtype for an --out run: --store, else the recipe's own store= option, else the source
     model's dtype (bf16 for a GGUF, whose weights are not fp32; a Hugging Face directory's config dtype)."""
     from hadakit.models.loading import source_dtype
@@ -190,7 +190,7 @@ def _run_single(args, recipe, model, tokenizer, model_name, eval_windows, extra_
     device = next(model.parameters()).device
     recipe = dataclasses.replace(recipe, calib_windows=args.calib_windows or recipe.calib_windows,
                                  calib_len=args.calib_len or recipe.calib_len,
-                                 store_dtype=_store_dtype(args, recipe, model))
+                                 store_dtype=_store_dtype(args, recipe))
     label = recipe.label()
     eval_tokens = eval_windows.build(tokenizer).to(device)
     fp_ppl = None
@@ -224,18 +224,14 @@ def _run_single(args, recipe, model, tokenizer, model_name, eval_windows, extra_
                       quantize_s=report.seconds, peak_rss_gb_quantize=round(mem.peak_mb / 1e3, 3))
     if ppl is not None:
         extra_meta["eval"] = eval_record(eval_windows)
-    if args.format:
+    if args.format:  # the hadakit checkpoint is written beside --out, exported, then removed
         import tempfile
 
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.ckpt-", dir=out.parent) as tmp:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.ckpt-", dir=path.parent) as tmp:
             ckpt = hadakit.save(model, Path(tmp) / "ckpt", tokenizer, extra=extra_meta)
-            from hadakit.cli.export import run_export
-
-            path = Path(args.out)
-            run_export(argparse.Namespace(checkpoint=str(ckpt), out=str(path), format=args.format,
-                                          force=args.force))
+            hadakit.export(ckpt, path, format=args.format, force=args.force)
         reproduce = ""
     else:
         path = hadakit.save(model, args.out, tokenizer, force=args.force, extra=extra_meta)

@@ -455,10 +455,7 @@ def _check_target(ckpt: Path, out: Path, force: bool) -> None:
     the checkpoint itself."""
     if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
         raise ExportTargetError(f"output directory {out} is (inside) the checkpoint {ckpt}; choose another one")
-    try:
-        check_output_dir(out, force=force, marker=EXPORT_MARKER, is_ours=_is_export_marker, what="export")
-    except OutputDirError as exc:
-        raise ExportTargetError(str(exc)) from None
+    check_export_dir(out, force=force)
 
 
 def _check_recipe(recipe, ckpt: Path) -> None:

@@ -138,16 +138,12 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _recipe_bytes(recipe: QuantRecipe) -> bytes:
-    return (json.dumps(recipe.to_dict(), indent=1) + "\n").encode("utf-8")
-
-
 def save_quantized_model(model: nn.Module, tokenizer: Any, recipe: QuantRecipe, out_dir: str | Path, *,
                          force: bool = False, extra: dict | None = None) -> Path:
     """Write ``model`` (after ``quantize_model``) to ``out_dir``; see the module docstring."""
     from safetensors.torch import save_file
 
-    recipe_bytes = _recipe_bytes(recipe)
+    recipe_bytes = recipe.to_json().encode("utf-8")
 
     def write(tmp: Path) -> None:
         tensors, linears, tied = checkpoint_tensors(model)
@@ -194,28 +190,22 @@ def _format_of(scheme) -> dict:
     return {k: d.get(k) for k in _FORMAT_FIELDS}
 
 
-def _check_stored_scheme(root: Path, name: str, stored, recipe: QuantRecipe) -> None:
-    """The format a packed weight was stored in must be the recipe's weight format (``recipe.json`` edited to claim
-    another format is an error, not a checkpoint that evaluates as something it is not)."""
-    expected = recipe.weight_scheme()
-    if expected is None:
-        raise ValueError(f"{root}: {_RECIPE} says the weights are not quantized, but {name} is stored packed "
-                         f"({stored.describe()}): the recipe file does not belong to these tensors")
+def _check_format(root: Path, name: str, kind: str, stored, expected) -> None:
+    """The format ``name``'s ``kind`` ("weights" / "activations") was saved in must be the recipe's (a
+    ``recipe.json`` edited to claim another format is an error, not a checkpoint that evaluates as something it is
+    not). ``stored`` / ``expected``: the saved and the recipe's ``QuantScheme``, ``None`` for full precision."""
+    if (stored is None) != (expected is None):
+        said = f"quantized as {expected.describe()}" if expected is not None else "not quantized"
+        raise ValueError(f"{root}: {_RECIPE} says the {kind} are {said}, but {name} was saved with "
+                         f"{stored.describe() if stored is not None else 'none'}: the recipe file was edited or "
+                         f"belongs to another checkpoint")
+    if stored is None:
+        return
     a, b = _format_of(stored), _format_of(expected)
     if a != b:
         diff = ", ".join(f"{k} {a[k]!r} stored vs {b[k]!r} in {_RECIPE}" for k in _FORMAT_FIELDS if a[k] != b[k])
-        raise ValueError(f"{root}: {_RECIPE} does not match the stored weights of {name} ({diff}): the recipe file "
+        raise ValueError(f"{root}: {_RECIPE} does not match the stored {kind} of {name} ({diff}): the recipe file "
                          f"was edited or belongs to another checkpoint")
-
-
-def _check_act_scheme(root: Path, name: str, stored, recipe: QuantRecipe) -> None:
-    expected = recipe.act_scheme()
-    if (stored is None) != (expected is None) or (
-            stored is not None and _format_of(stored) != _format_of(expected)):
-        said = expected.describe() if expected is not None else "none"
-        raise ValueError(f"{root}: {_RECIPE} says the activations are quantized as {said}, but {name} was saved "
-                         f"with {stored.describe() if stored is not None else 'none'}: the recipe file was edited "
-                         f"or belongs to another checkpoint")
 
 
 def read_checkpoint_meta(root: str | Path) -> tuple[dict, QuantRecipe]:
@@ -295,7 +285,7 @@ def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu"
         prefix = f"{name}.qweight."
         if lm["packed"]:
             packed = QuantizedTensor.from_state_dict(state, prefix)
-            _check_stored_scheme(root, name, packed.scheme, recipe)
+            _check_format(root, name, "weights", packed.scheme, recipe.weight_scheme())
             for k in [k for k in state if k.startswith(prefix)]:
                 del state[k]
             weight = None  # packed-only: the forward dequantizes (RotatedQuantLinear)
@@ -304,7 +294,7 @@ def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu"
         bias = state.pop(f"{name}.bias", None)
         rotation = _build_rotation(lm["rotation"], state.pop(f"{name}.rotation.signs", None))
         act = get_scheme(lm["act_scheme"]) if lm["act_scheme"] is not None else None
-        _check_act_scheme(root, name, act, recipe)
+        _check_format(root, name, "activations", act, recipe.act_scheme())
         smooth = state.pop(f"{name}.smooth") if lm.get("smooth") else None
         transform = None
         if lm.get("transform"):

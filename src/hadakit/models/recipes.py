@@ -454,8 +454,12 @@ class QuantRecipe:
             d[key] = sub(**v)
         return cls(**d)
 
+    def to_json(self) -> str:
+        """The recipe file's text (what :meth:`save` writes; :meth:`load` reads it back)."""
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        Path(path).write_text(self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantRecipe":
