@@ -69,17 +69,9 @@ def quantize(model, recipe, calibration=None, *, tokenizer=None, progress=True, 
         model = hadakit.load("my-model-w4")           # an ordinary transformers model, weights packed in memory
         hadakit.export("my-model-w4", "my-model-w4-ct")   # compressed-tensors, the format vLLM serves
     """
-    import dataclasses
-
     from hadakit.models.verbs import quantize as _quantize
 
-    report = _quantize(model, recipe, calibration, tokenizer=tokenizer, progress=progress, **options)
-    # What save() writes: the recipe with the window counts that were asked for, and the calibration that ran
-    # (windows, tokens, padding, source) as measured by the pipeline.
-    sizes = {k: options[k] for k in ("calib_windows", "calib_len") if options.get(k) is not None}
-    model.hadakit_recipe = dataclasses.replace(report.recipe, **sizes) if sizes else report.recipe
-    model.hadakit_calibration = report.calibration_info()
-    return report
+    return _quantize(model, recipe, calibration, tokenizer=tokenizer, progress=progress, **options)
 
 
 def save(model, out_dir, tokenizer=None, *, force=False, extra=None):

@@ -78,10 +78,7 @@ def check_output_dir(out: str | Path, *, force: bool = False, marker: str,
                                  f"by hadakit), and --force only replaces a previous hadakit {what}; remove it "
                                  f"yourself or name a new directory")
         parent = resolved.parent
-    else:
-        why = _protected(resolved)
-        if why:  # cannot happen for a path that does not exist, but keep the rule in one place
-            raise OutputDirError(f"refusing to write the {what} into {out}: {why}")
+    else:  # a path that does not exist is none of the protected directories
         parent = resolved.parent
         while not parent.exists():
             parent = parent.parent

@@ -7,6 +7,7 @@ Library code never prints: progress goes to the ``hadakit`` logger (see :func:`q
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -181,6 +182,11 @@ def quantize(
         report.calib_source, report.calib_path = kind, path
     say(f"{recipe.label()}: {len(report.quantized)} linears quantized in {time.perf_counter() - t0:.1f} s "
         f"({report.weight_bits:.3f} bits/weight)")
+    # What hadakit.save writes: the recipe with the window counts that were asked for, and the calibration that ran
+    # (windows, tokens, padding, source) as measured by the pipeline.
+    sizes = {k: v for k, v in (("calib_windows", calib_windows), ("calib_len", calib_len)) if v is not None}
+    model.hadakit_recipe = dataclasses.replace(report.recipe, **sizes) if sizes else report.recipe
+    model.hadakit_calibration = report.calibration_info()
     return report
 
 
