@@ -326,7 +326,7 @@ def test_inspect_model_ranking_summary_and_errors():
     with pytest.raises(ValueError, match="unknown format"):
         inspect_model(model, windows, format="fp3", progress=False)
     with pytest.raises(ValueError, match="no nn.Linear"):
-        inspect_model(model, windows, include=["nothing"], progress=False)
+        inspect_model(model, windows, targets=["nothing"], progress=False)
     with pytest.raises(ValueError, match="non-empty"):
         inspect_model(model, torch.zeros(0, 4, dtype=torch.long), progress=False)
     with pytest.raises(ValueError, match="ranking"):

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("transformers")
 
 from hadakit.analysis import inspect_model, layer_seed, make_rotation, rotation_gain  # noqa: E402
-from hadakit.models import make_windows, read_text  # noqa: E402
+from hadakit.io.texts import make_windows, read_text  # noqa: E402
 
 pytestmark = pytest.mark.model
 
@@ -31,7 +31,7 @@ def _single_thread(single_thread):
 
 @pytest.fixture(scope="module")
 def gemma():
-    from hadakit.models import load_model
+    from hadakit.io.loading import load_model
 
     try:
         return load_model()
@@ -97,7 +97,7 @@ def test_gemma_streaming_equals_direct(gemma):
     assert len(names) == 14
     store, handles = _record_inputs(model, names)
     try:
-        report = inspect_model(model, windows, format="int4", rotation="random", include=include, progress=False)
+        report = inspect_model(model, windows, format="int4", rotation="random", targets=include, progress=False)
     finally:
         for h in handles:
             h.remove()
@@ -116,7 +116,7 @@ def test_gemma_o_proj_needs_random_signs(gemma):
     # random signs break that alignment.
     model, tokenizer = gemma
     windows = make_windows(tokenizer, read_text("lear"), window=32, n_windows=1)
-    runs = {rot: inspect_model(model, windows, format="int4", rotation=rot, include=("o_proj",), weights=False,
+    runs = {rot: inspect_model(model, windows, format="int4", rotation=rot, targets=("o_proj",), weights=False,
                                progress=False).summary()["all"] for rot in ("hadamard", "random")}
     assert runs["random"]["act_sqnr_after_db"] > runs["hadamard"]["act_sqnr_after_db"] + 1.0
     assert runs["random"]["act_kurtosis_after_median"] < runs["hadamard"]["act_kurtosis_after_median"]

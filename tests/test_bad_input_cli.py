@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hadakit.cli.main import main
-from hadakit.models.recipes import get_recipe
+from hadakit.quantization.recipes import get_recipe
 
 FAST_BENCH = ["--mib", "0.01", "--reps", "1", "--ops", "hadamard", "--sizes", "64"]
 TINY_DEMO = ["--recipes", "bf16", "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--context", "16",
@@ -189,7 +189,7 @@ class _Tiny(torch.nn.Module):
 
 
 def test_check_recipe_for_model_block_size():
-    from hadakit.models.recipes import check_recipe_for_model
+    from hadakit.quantization.recipes import check_recipe_for_model
 
     model = _Tiny()
     check_recipe_for_model(get_recipe("w4a16:block-64"), model)
@@ -200,13 +200,13 @@ def test_check_recipe_for_model_block_size():
     msg = str(info.value)
     assert "\n" not in msg and "128" in msg and "layers.0" in msg and "64" in msg, msg
     # a layer the recipe skips is not checked
-    check_recipe_for_model(get_recipe("w4a16:block-128", skip=("lm_head", "layers.0")), model)
+    check_recipe_for_model(get_recipe("w4a16:block-128", ignore=("lm_head", "layers.0")), model)
     # nor anything when no linear is replaced
     check_recipe_for_model(get_recipe("fp"), model)
 
 
 def test_check_recipe_for_model_sizes_without_fallback():
-    from hadakit.models.recipes import check_recipe_for_model
+    from hadakit.quantization.recipes import check_recipe_for_model
 
     strict = get_recipe("w4a16:hadamard")
     strict = get_recipe(strict, rotation=type(strict.rotation)(kind="hadamard", fallback=None))

@@ -22,10 +22,10 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import tiny_llama  # noqa: E402
 from hadakit.cli.main import main  # noqa: E402
-from hadakit.models.checkpoint import load_quantized_model, save_quantized_model  # noqa: E402
-from hadakit.models.loading import load_model  # noqa: E402
-from hadakit.models.pipeline import quantize_model  # noqa: E402
-from hadakit.models.recipes import get_recipe  # noqa: E402
+from hadakit.io.checkpoint import load_quantized_model, save_quantized_model  # noqa: E402
+from hadakit.io.loading import load_model  # noqa: E402
+from hadakit.quantization.pipeline import quantize_model  # noqa: E402
+from hadakit.quantization.recipes import get_recipe  # noqa: E402
 
 NO_MODEL = "/nonexistent/model-dir"
 
@@ -362,7 +362,7 @@ def test_edited_recipe_json_is_refused(tiny_ckpt, tmp_path, capsys):
 
 def test_eval_finds_a_relative_text_from_another_directory_and_notices_changes(tiny_dir, tmp_path, capsys,
                                                                              monkeypatch):
-    from hadakit.models.data import read_text
+    from hadakit.io.texts import read_text
 
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir()
@@ -404,7 +404,7 @@ def _fake_gguf(path: Path) -> Path:
 def test_truncated_or_deleted_cache_files_are_rebuilt(tmp_path, monkeypatch, minilm_dir):
     """The GGUF-to-HF conversion itself (minutes for Gemma) is replaced by a tiny model: what is tested is the
     cache's own bookkeeping on a real file tree."""
-    from hadakit.models import loading
+    from hadakit.io import loading
 
     monkeypatch.setenv("HADAKIT_CACHE", str(tmp_path / "cache"))
     gguf_file = _fake_gguf(tmp_path / "tiny.gguf")

@@ -36,10 +36,10 @@ from hadakit.io import (  # noqa: E402
     export_compressed_tensors,
     load_exported_model,
 )
-from hadakit.models.checkpoint import save_quantized_model  # noqa: E402
-from hadakit.models.pipeline import quantize_model  # noqa: E402
-from hadakit.models.qlinear import RotatedQuantLinear  # noqa: E402
-from hadakit.models.recipes import get_recipe  # noqa: E402
+from hadakit.io.checkpoint import save_quantized_model  # noqa: E402
+from hadakit.quantization.pipeline import quantize_model  # noqa: E402
+from hadakit.quantization.qlinear import RotatedQuantLinear  # noqa: E402
+from hadakit.quantization.recipes import get_recipe  # noqa: E402
 
 VOCAB = 512
 SHAPES = {  # hidden, intermediate, heads, kv heads, head_dim
@@ -472,7 +472,8 @@ def test_output_directory_rules(tmp_path):
 
 @pytest.mark.model
 def test_gemma3_w4a16_export_matches_hadakit(tmp_path):
-    from hadakit.models import load_model, make_windows, read_text
+    from hadakit.io.loading import load_model
+    from hadakit.io.texts import make_windows, read_text
 
     model, tok = load_model(None)
     recipe = get_recipe("w4a16_g128:random:rtn")

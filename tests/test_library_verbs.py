@@ -17,8 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 import hadakit  # noqa: E402
 from hadakit.cli.main import main  # noqa: E402
-from hadakit.models.data import read_text  # noqa: E402
-from hadakit.models.qlinear import RotatedQuantLinear  # noqa: E402
+from hadakit.io.texts import read_text  # noqa: E402
+from hadakit.quantization.qlinear import RotatedQuantLinear  # noqa: E402
 
 RECIPE = "w4a16_g128:hadamard:gptq"
 

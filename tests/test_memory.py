@@ -19,13 +19,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hadakit.models import pipeline  # noqa: E402
-from hadakit.models.evaluate import next_token_nll, perplexity, window_nll  # noqa: E402
-from hadakit.models.loading import _file_mappings, load_model, materialize_mapped_tensors  # noqa: E402
-from hadakit.models.pipeline import (prepare_calibration, quantize_model,  # noqa: E402
+from hadakit.quantization import pipeline  # noqa: E402
+from hadakit.evaluation.metrics import next_token_nll, perplexity, window_nll  # noqa: E402
+from hadakit.io.loading import _file_mappings, load_model, materialize_mapped_tensors  # noqa: E402
+from hadakit.quantization.pipeline import (prepare_calibration, quantize_model,  # noqa: E402
                                      round_unquantized_parameters)
-from hadakit.models.qlinear import RotatedQuantLinear  # noqa: E402
-from hadakit.models.recipes import get_recipe  # noqa: E402
+from hadakit.quantization.qlinear import RotatedQuantLinear  # noqa: E402
+from hadakit.quantization.recipes import get_recipe  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -90,7 +90,7 @@ def test_keep_dense_false_is_bit_identical_and_packed_only(make, spec):
 
 
 def test_keep_dense_false_checkpoint_tensors_are_the_same():
-    from hadakit.models.checkpoint import checkpoint_tensors
+    from hadakit.io.checkpoint import checkpoint_tensors
 
     base, calib = _llama(), _tokens()
     a, b = copy.deepcopy(base), copy.deepcopy(base)

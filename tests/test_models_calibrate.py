@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from hadakit.formats import get_scheme
-from hadakit.models import calibration_windows, load_model
-from hadakit.models.calibrate import (InputStats, LinearProblem, search_act_clip, search_smoothing, train_transform,
+from hadakit.io.texts import calibration_windows
+from hadakit.io.loading import load_model
+from hadakit.quantization.calibrate import (InputStats, LinearProblem, search_act_clip, search_smoothing, train_transform,
                                       transform_hessian)
-from hadakit.models.checkpoint import load_quantized_model, save_quantized_model
-from hadakit.models.kv_cache import KVQuantizer
-from hadakit.models.pipeline import find_decoder_layers, make_rotation, quantize_model
-from hadakit.models.qlinear import RotatedQuantLinear, weight_map
-from hadakit.models.recipes import get_recipe
+from hadakit.io.checkpoint import load_quantized_model, save_quantized_model
+from hadakit.quantization.kv_cache import KVQuantizer
+from hadakit.quantization.pipeline import find_decoder_layers, make_rotation, quantize_model
+from hadakit.quantization.qlinear import RotatedQuantLinear, weight_map
+from hadakit.quantization.recipes import get_recipe
 from hadakit.transforms import HadamardRotation
 from hadakit.transforms.kronecker import KroneckerTransform, kronecker_split
 
@@ -243,7 +244,7 @@ def test_kv_sinks_stay_exact_and_groups_help():
 # --- encoders: held-out sentences and embedding cosine -----------------------------------------------------------
 
 def test_held_out_sentences_are_deterministic_speech():
-    from hadakit.models import sentences
+    from hadakit.io.texts import sentences
 
     s = sentences("twelfth_night", 32)
     assert len(s) == 32 and s == sentences("twelfth_night", 32)
@@ -255,7 +256,7 @@ def test_held_out_sentences_are_deterministic_speech():
 
 @pytest.mark.model
 def test_embedding_comparison_scores_rotation_above_plain_w4a4(minilm_calib):
-    from hadakit.models.compare import embedding_markdown, run_embedding_comparison
+    from hadakit.evaluation.compare import embedding_markdown, run_embedding_comparison
 
     model, tok, _, _ = minilm_calib
     res = run_embedding_comparison(model, tok, ["fp:random", "w4a4:none:rtn", "w4a4:random:rtn:aclip=search"],
@@ -282,7 +283,7 @@ def test_kv_center_removes_a_common_offset():
 
 @pytest.mark.model
 def test_kv_centers_are_calibrated_means_and_survive_save_load(minilm_calib, tmp_path):
-    from hadakit.models.kv_cache import K_CENTER, V_CENTER, attention_modules
+    from hadakit.quantization.kv_cache import K_CENTER, V_CENTER, attention_modules
 
     model, tok, enc, calib = minilm_calib
     m = copy.deepcopy(model)

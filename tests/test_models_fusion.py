@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from hadakit.models import load_model, make_windows, read_text
-from hadakit.models.checkpoint import load_quantized_model, save_quantized_model
-from hadakit.models.fusion import find_value_output_pairs, fuse_value_rotations
-from hadakit.models.pipeline import quantize_model
-from hadakit.models.recipes import get_recipe
+from hadakit.io.loading import load_model
+from hadakit.io.texts import make_windows, read_text
+from hadakit.io.checkpoint import load_quantized_model, save_quantized_model
+from hadakit.quantization.fusion import find_value_output_pairs, fuse_value_rotations
+from hadakit.quantization.pipeline import quantize_model
+from hadakit.quantization.recipes import get_recipe
 from hadakit.transforms.rotations import HeadMixRotation
 
 

@@ -16,10 +16,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hadakit.models import loading  # noqa: E402
-from hadakit.models.data import make_windows, read_text  # noqa: E402
-from hadakit.models.evaluate import generate_samples, perplexity  # noqa: E402
-from hadakit.models.loading import cache_root, describe_model, gguf_architecture, load_model  # noqa: E402
+from hadakit.io import loading  # noqa: E402
+from hadakit.io.texts import make_windows, read_text  # noqa: E402
+from hadakit.evaluation.metrics import generate_samples, perplexity  # noqa: E402
+from hadakit.io.loading import cache_root, describe_model, gguf_architecture, load_model  # noqa: E402
 
 
 def _write_gguf(path: Path, architecture: str, n: int = 1024) -> Path:
@@ -257,7 +257,7 @@ def test_generate_samples_is_greedy_and_deterministic(gemma):
 
 def test_one_gguf_parse_shares_one_reader_per_file_and_restores_gguf(tmp_path):
     gguf = pytest.importorskip("gguf")
-    from hadakit.models.loading import one_gguf_parse
+    from hadakit.io.loading import one_gguf_parse
 
     a = _write_gguf(tmp_path / "a.gguf", "llama")
     b = _write_gguf(tmp_path / "b.gguf", "llama", n=64)

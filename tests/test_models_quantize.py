@@ -10,14 +10,15 @@ import torch
 import hadakit
 
 from hadakit.formats import fake_quantize, get_scheme
-from hadakit.models import calibration_windows, load_model, make_windows, read_text
-from hadakit.models.checkpoint import checkpoint_size_bytes, load_quantized_model, save_quantized_model
-from hadakit.models.compare import packed_size_mb
-from hadakit.models.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
-from hadakit.models.pipeline import find_decoder_layers, make_rotation, quantize_model
-from hadakit.models.qlinear import RotatedQuantLinear
-from hadakit.models.quantizers import SchemeGroupQuantizer
-from hadakit.models.recipes import QuantRecipe, get_recipe, list_recipes
+from hadakit.io.texts import calibration_windows, make_windows, read_text
+from hadakit.io.loading import load_model
+from hadakit.io.checkpoint import checkpoint_size_bytes, load_quantized_model, save_quantized_model
+from hadakit.evaluation.compare import packed_size_mb
+from hadakit.quantization.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from hadakit.quantization.pipeline import find_decoder_layers, make_rotation, quantize_model
+from hadakit.quantization.qlinear import RotatedQuantLinear
+from hadakit.quantization.quantizers import SchemeGroupQuantizer
+from hadakit.quantization.recipes import QuantRecipe, get_recipe, list_recipes
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +244,7 @@ def test_hessian_accumulation_matches_float64():
 
 @pytest.mark.parametrize("n", [100, 640, 1000, 1026])  # one block, 2 blocks, 4 uneven blocks
 def test_symmetric_gram_equals_the_full_product_and_is_exactly_symmetric(n):
-    from hadakit.models.gptq import symmetric_gram
+    from hadakit.quantization.gptq import symmetric_gram
 
     torch.manual_seed(n)
     x = torch.randn(200, n) * torch.linspace(0.1, 3, n)
@@ -254,7 +255,7 @@ def test_symmetric_gram_equals_the_full_product_and_is_exactly_symmetric(n):
 
 
 def test_upper_cholesky_of_inverse_matches_the_three_step_form():
-    from hadakit.models.gptq import upper_cholesky_of_inverse
+    from hadakit.quantization.gptq import upper_cholesky_of_inverse
 
     torch.manual_seed(4)
     x = torch.randn(300, 96, dtype=torch.float64) * torch.linspace(0.1, 4, 96, dtype=torch.float64)
@@ -270,7 +271,7 @@ def test_upper_cholesky_of_inverse_matches_the_three_step_form():
 
 def test_linears_sharing_an_input_share_their_statistics(gemma):
     # q/k/v read the same normed hidden state, gate/up the same MLP input: one leader records for each group
-    from hadakit.models.pipeline import _input_groups, capture_layer_inputs, find_linears
+    from hadakit.quantization.pipeline import _input_groups, capture_layer_inputs, find_linears
 
     model, tok, ids = gemma
     layers = find_decoder_layers(model)
@@ -288,7 +289,7 @@ def test_true_sequential_calibration_sees_the_quantized_earlier_linears(minilm, 
     # With seq, every linear's Hessian is taken from the layer with the linears before it already quantized: in
     # layer 0 (whose inputs do not depend on quantization) it equals the Hessian of the final model's own inputs.
     # Without it, linears after the first group see the full-precision layer, so their Hessians differ.
-    from hadakit.models import pipeline
+    from hadakit.quantization import pipeline
 
     model, tok, _ = minilm
     calib = calibration_windows(tok, "lear", n_windows=2, window=32, add_bos=False)
@@ -331,7 +332,7 @@ def test_true_sequential_calibration_sees_the_quantized_earlier_linears(minilm, 
 def test_corrected_weight_is_the_least_squares_map_to_the_full_precision_outputs():
     # W* = argmin ‖W·r − W*·x̃‖² (+ a small pull toward W): checked against float64 lstsq, and W* = W when the
     # quantized model's inputs equal the full-precision ones. The cross products accumulate over several batches.
-    from hadakit.models.gptq import corrected_weight
+    from hadakit.quantization.gptq import corrected_weight
 
     torch.manual_seed(0)
     r = torch.randn(3000, 48) * torch.linspace(0.3, 2.0, 48)
@@ -359,7 +360,7 @@ def test_fptarget_pairs_each_linear_with_the_full_precision_models_inputs(minilm
     # model's: in layer 0 the two streams agree (C = H), in layer 1 r comes from the untouched model and x̃ from the
     # final one (layer 0 quantized). And it fits the full-precision model better on its calibration windows than
     # true-sequential GPTQ alone (which it implies).
-    from hadakit.models import pipeline
+    from hadakit.quantization import pipeline
 
     model, tok, _ = minilm
     calib = calibration_windows(tok, "lear", n_windows=2, window=32, add_bos=False)

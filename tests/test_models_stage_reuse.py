@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from hadakit.models import calibration_windows, stage_reuse
-from hadakit.models.pipeline import quantize_model
-from hadakit.models.recipes import get_recipe
+from hadakit.io.texts import calibration_windows
+from hadakit.quantization import stage_reuse
+from hadakit.quantization.pipeline import quantize_model
+from hadakit.quantization.recipes import get_recipe
 
 
 def _quantize(model, spec, calib, budget=None, monkeypatch=None):

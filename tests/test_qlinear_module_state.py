@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hadakit.formats import QuantizedTensor, fake_quantize, get_scheme, quantize
-from hadakit.models.qlinear import PackedWeight, RotatedQuantLinear
+from hadakit.quantization.qlinear import PackedWeight, RotatedQuantLinear
 from hadakit.transforms import HadamardRotation
 
 SCHEMES = ["int4_g128", "int8", "nvfp4", "mxfp4", "int4_g128_asym"]

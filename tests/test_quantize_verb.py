@@ -1,4 +1,4 @@
-"""``hadakit.models.verbs.quantize``: the public verb over the private pipeline.
+"""``hadakit.api.quantize``: the public verb over the private pipeline.
 
 Tiny seeded random transformers models built from configs (no download); text goes through the real tokenizer of
 the all-MiniLM-L6-v2 package. Every quantized result is compared bit for bit.
@@ -14,12 +14,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hadakit.models import pipeline  # noqa: E402
-from hadakit.models.data import document_windows, text_calibration_windows  # noqa: E402
-from hadakit.models.pipeline import QuantizationReport, prepare_calibration, quantize_model  # noqa: E402
-from hadakit.models.qlinear import RotatedQuantLinear  # noqa: E402
-from hadakit.models.recipes import get_recipe  # noqa: E402
-from hadakit.models.verbs import quantize  # noqa: E402
+from hadakit.quantization import pipeline  # noqa: E402
+from hadakit.io.texts import document_windows, text_calibration_windows  # noqa: E402
+from hadakit.quantization.pipeline import QuantizationReport, prepare_calibration, quantize_model  # noqa: E402
+from hadakit.quantization.qlinear import RotatedQuantLinear  # noqa: E402
+from hadakit.quantization.recipes import get_recipe  # noqa: E402
+from hadakit.api import quantize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -204,7 +204,7 @@ def test_progress_goes_to_the_logger_or_a_callable_never_to_print(llama, caplog,
 
 
 def test_the_docstring_example_runs():
-    import hadakit.models.verbs as verbs
+    import hadakit.api as verbs
 
     result = doctest.testmod(verbs, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

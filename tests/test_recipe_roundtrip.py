@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hadakit.models.gptq import GPTQConfig
-from hadakit.models.recipes import METHODS, QuantRecipe, RotationConfig, get_recipe, list_recipes
+from hadakit.quantization.gptq import GPTQConfig
+from hadakit.quantization.recipes import METHODS, QuantRecipe, RotationConfig, get_recipe, list_recipes
 from hadakit.transforms.plan import supported
 
 BLOCKS = [n for n in (4, 8, 12, 16, 20, 24, 28, 32, 40, 64, 128, 256, 1024) if supported(n)]
@@ -218,7 +218,8 @@ def test_spec_is_injective(a, b):
     (dict(calib_len=128), "calib_len"),
     (dict(calib_rows=64), "calib_rows"),
     (dict(kv_rotation=False), "kv_rotation"),
-    (dict(skip=("lm_head",)), "skip"),
+    (dict(ignore=("lm_head",)), "ignore"),
+    (dict(targets=("re:.*mlp",)), "targets"),
     (dict(gptq=GPTQConfig(damp=0.1)), "gptq.damp"),
     (dict(gptq=GPTQConfig(block_size=128)), "gptq.block_size"),
     (dict(rotation=RotationConfig("random", seed=7)), "rotation.seed"),
@@ -250,7 +251,7 @@ def test_json_round_trip_and_defaults(tmp_path):
     r = get_recipe("w4a4kv4:block-64:gptq:smooth=0.5,aclip=search,wclip,actorder,refit=3,fptarget=0.25,store=fp16,"
                    "learn=orthogonal,steps=7,kvgroup=32,kvclip,kvcenter,sinks=2")
     assert _json(r) == r
-    custom = dataclasses.replace(r, name="mine", skip=(), calib_windows=4, gptq=GPTQConfig(damp=0.05, refit=3,
+    custom = dataclasses.replace(r, name="mine", ignore=(), targets=("layers.*",), calib_windows=4, gptq=GPTQConfig(damp=0.05, refit=3,
                                  act_order=True), rotation=RotationConfig("block", 12, seed=3, fallback=None))
     assert _json(custom) == custom
     custom.save(tmp_path / "r.json")
@@ -260,7 +261,11 @@ def test_json_round_trip_and_defaults(tmp_path):
     assert QuantRecipe.from_dict({}) == QuantRecipe()
     assert QuantRecipe.from_dict({"weight": "int4", "gptq": {}, "rotation": {"kind": "random"}}) == \
         QuantRecipe(weight="int4", rotation=RotationConfig("random"))
-    assert QuantRecipe.from_dict({"skip": []}).skip == ()
+    assert QuantRecipe.from_dict({"ignore": []}).ignore == ()
+    # a recipe.json written before targets/ignore names the ignore list "skip"
+    assert QuantRecipe.from_dict({"skip": ["lm_head"]}).ignore == ("lm_head",)
+    with pytest.raises(ValueError, match="both 'skip'"):
+        QuantRecipe.from_dict({"skip": [], "ignore": []})
 
 
 GOOD = get_recipe("w4a16_g128:hadamard:gptq").to_dict()
@@ -284,8 +289,9 @@ BAD_JSON = [
     (_with(calib_windows="32"), ["calib_windows", "'32'", "whole number"]),
     (_with(calib_len=0), ["calib_len", ">= 1"]),
     (_with(calib_rows=1.5), ["calib_rows", "whole number"]),
-    (_with(skip="lm_head"), ["skip", "'lm_head'", "list"]),
-    (_with(skip=["lm_head", 3]), ["skip", "list"]),
+    (_with(ignore="lm_head"), ["ignore", "'lm_head'", "list"]),
+    (_with(ignore=["lm_head", 3]), ["ignore", "list"]),
+    (_with(targets=["re:("]), ["targets", "regular expression"]),
     (_with(gptq="gptq"), ["gptq", "object", "damp"]),
     (_with(rotation="random"), ["rotation", "object", "kind"]),
     (_with(rotation__kind="walsh"), ["rotation", "walsh", "hadamard", "block"]),

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from hadakit.models.compare import CompareResult, CompareRow, save_plot, save_tradeoff_plot
+from hadakit.evaluation.compare import CompareResult, CompareRow, save_plot, save_tradeoff_plot
 
 
 def _rows(path: Path) -> tuple[dict | None, list[dict]]:

@@ -13,7 +13,7 @@ Transforms (any batch; sizes 2^k and m·2^k such as 640 = 20·32; exact and orth
     torch.Size([12, 12])
     >>> rot = hadakit.HadamardRotation(640, signs="fixed", seed=0)  # nn.Module; signs live in state_dict
 
-Number formats (``hadakit.formats``), model quantization (``hadakit.models``), low-precision training
+Number formats (``hadakit.formats``), model quantization (``hadakit.quantization``; files in ``hadakit.io``, metrics in ``hadakit.evaluation``), low-precision training
 (``hadakit.QuantLinear`` / ``hadakit.convert``) and analysis (``hadakit.analysis``)::
 
     >>> from hadakit.formats import quantize
@@ -52,11 +52,11 @@ def quantize(model, recipe, calibration=None, *, tokenizer=None, progress=True, 
     """Rotate and quantize ``model`` (any transformers model object) in place; returns a ``QuantizationReport``.
 
     ``recipe`` is a recipe string ``NAME[:ROTATION[:METHOD[:OPTIONS]]]`` (``"w4a16_g128:block-128:gptq"``,
-    ``"w4a4:random:gptq:smooth=search,aclip=search"``) or a ``hadakit.models.QuantRecipe``. ``calibration``: a
+    ``"w4a4:random:gptq:smooth=search,aclip=search"``) or a ``hadakit.quantization.recipes.QuantRecipe``. ``calibration``: a
     text, a path to a text file, a list of documents (with ``tokenizer=``), or token ids (a ``[n, L]`` long tensor, or
     ``input_ids`` with an ``attention_mask`` for padded windows); ``None`` for recipes that need none (RTN).
     ``progress=True`` logs to ``logging.getLogger("hadakit")``. Other options (``calib_windows``, ``calib_len``,
-    ``seed``, ``add_bos``, ``device``): see :func:`hadakit.models.verbs.quantize`. The recipe that ran (with the
+    ``seed``, ``add_bos``, ``device``): see :func:`hadakit.api.quantize`. The recipe that ran (with the
     calibration it used) travels with the model, so :func:`save` needs nothing else. Needs ``hadakit[models]``::
 
         import hadakit
@@ -69,7 +69,7 @@ def quantize(model, recipe, calibration=None, *, tokenizer=None, progress=True, 
         model = hadakit.load("my-model-w4")           # an ordinary transformers model, weights packed in memory
         hadakit.export("my-model-w4", "my-model-w4-ct")   # compressed-tensors, the format vLLM serves
     """
-    from hadakit.models.verbs import quantize as _quantize
+    from hadakit.api import quantize as _quantize
 
     return _quantize(model, recipe, calibration, tokenizer=tokenizer, progress=progress, **options)
 
@@ -82,7 +82,7 @@ def save(model, out_dir, tokenizer=None, *, force=False, extra=None):
     when that holds them exactly, e.g. after the recipe option ``store=bf16``). ``out_dir`` is written atomically and
     an existing one is replaced only with ``force=True`` and only when it is a hadakit checkpoint. ``extra``: more
     JSON-ready entries for ``hadakit.json``."""
-    from hadakit.models.checkpoint import save_quantized_model
+    from hadakit.io.checkpoint import save_quantized_model
 
     recipe = getattr(model, "hadakit_recipe", None)
     if recipe is None:
@@ -99,7 +99,7 @@ def load(path, *, device="cpu", cache_weights=False):
     dequantize per forward (``cache_weights=True`` keeps one dequantized copy: faster, fp32-sized). Its tokenizer
     loads with ``transformers.AutoTokenizer.from_pretrained(DIR)``. Nothing in the directory is executed, and the
     checkpoint is verified (see docs/safety.md). Needs ``hadakit[models]``."""
-    from hadakit.models.checkpoint import load_quantized_model
+    from hadakit.io.checkpoint import load_quantized_model
 
     return load_quantized_model(path, device=device, cache_weights=cache_weights)[0]
 

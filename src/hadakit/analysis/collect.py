@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from hadakit.selection import check_patterns, selected
 from hadakit.analysis.stats import (
     StreamingStats,
     _construction,
@@ -64,21 +65,14 @@ def _is_conv1d(mod: nn.Module) -> bool:
     return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
 
 
-def find_linear_layers(model: nn.Module, *, skip: Iterable[str] = ("lm_head", "embed"),
-                       include: Iterable[str] | None = None) -> dict[str, nn.Module]:
-    """Every ``nn.Linear`` / GPT-2 ``Conv1D`` by name, in module order, without names containing a ``skip``
-    substring and, when ``include`` is given, only names containing one of its substrings."""
-    skip, include = tuple(skip or ()), (tuple(include) if include is not None else None)
-    found = {}
-    for name, mod in model.named_modules():
-        if not (isinstance(mod, nn.Linear) or _is_conv1d(mod)):
-            continue
-        if any(s in name for s in skip):
-            continue
-        if include is not None and not any(s in name for s in include):
-            continue
-        found[name] = mod
-    return found
+def find_linear_layers(model: nn.Module, *, targets: Iterable[str] = (),
+                       ignore: Iterable[str] = ("lm_head", "embed")) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` / GPT-2 ``Conv1D`` by name, in module order, selected by ``targets`` (empty: all) and
+    ``ignore`` with the rule of :mod:`hadakit.selection` — the same rule as a quantization recipe's."""
+    targets = check_patterns(targets, "targets")
+    ignore = check_patterns(ignore, "ignore")
+    return {name: mod for name, mod in model.named_modules()
+            if (isinstance(mod, nn.Linear) or _is_conv1d(mod)) and selected(name, type(mod).__name__, targets, ignore)}
 
 
 def _weight(mod: nn.Module) -> torch.Tensor:
@@ -547,20 +541,21 @@ def _batches(windows, batch_size: int):
 
 def inspect_model(model: nn.Module, windows, *, format: str | QuantScheme = "int4", rotation="random",
                   weight_format: str | QuantScheme | None = None, weights: bool = True, seed: int = 0,
-                  skip: Iterable[str] = ("lm_head", "embed"), include: Iterable[str] | None = None,
+                  targets: Iterable[str] = (), ignore: Iterable[str] = ("lm_head", "embed"),
                   batch_size: int = 1, progress=True, model_name: str = "") -> InspectReport:
     """Outlier statistics and rotation gains of every linear layer's input (and weight), streamed over ``windows``.
 
     Args:
         model: any module whose linears are ``nn.Linear`` or GPT-2 ``Conv1D``; called as ``model(input_ids=...)``
             (its ``base_model`` when every analysed linear lives there, so no LM-head logits are computed).
-        windows: token ids, ``[n_windows, length]`` (e.g. :func:`hadakit.models.make_windows`) or an iterable of
+        windows: token ids, ``[n_windows, length]`` (e.g. :func:`hadakit.io.texts.make_windows`) or an iterable of
             such tensors; run ``batch_size`` windows per forward.
         format: the activation scheme (preset name or ``QuantScheme``); ``"int4"`` is INT4 per token.
         rotation: ``"none"``, ``"hadamard"``, ``"random"``, ``"block-32"``, ``"random-block-128"``, … (see
             :func:`~hadakit.analysis.stats.make_rotation`); ``random`` uses a different seed per layer.
         weight_format: the scheme for the weights (default: ``format``); ``weights=False`` skips them.
-        skip / include: layer-name substrings to leave out / to restrict to.
+        targets / ignore: which linears to analyse, by the rule of :mod:`hadakit.selection` (the rule a
+            quantization recipe's ``targets`` / ``ignore`` use): targets empty means all.
         progress: ``True`` prints progress on stderr; a callable receives the messages.
 
     Returns an :class:`InspectReport`. The model is left unchanged (the hooks are removed).
@@ -570,10 +565,10 @@ def inspect_model(model: nn.Module, windows, *, format: str | QuantScheme = "int
     wscheme = resolve_scheme(weight_format) if weight_format is not None else scheme
     if isinstance(rotation, str):
         parse_rotation(rotation)  # validate the name before any work (raises with the valid names)
-    layers = find_linear_layers(model, skip=skip, include=include)
+    layers = find_linear_layers(model, targets=targets, ignore=ignore)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no nn.Linear / Conv1D layers to inspect "
-                         f"(skip={tuple(skip)}, include={include})")
+                         f"(targets={list(targets)}, ignore={list(ignore)})")
     batches = _batches(windows, max(1, int(batch_size)))
     t0 = time.perf_counter()
     accs = {name: _LayerAccumulator(name, mod, rotation, scheme, seed) for name, mod in layers.items()}

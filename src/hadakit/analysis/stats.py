@@ -53,8 +53,6 @@ for an orthogonal rotation equals the error measured in the rotated basis.
 from __future__ import annotations
 
 import math
-import re
-import zlib
 from typing import Any
 
 import torch
@@ -62,6 +60,8 @@ from torch import nn
 
 from hadakit.formats import QuantScheme, fake_quantize, get_scheme, list_schemes
 from hadakit.transforms import HadamardRotation, StructuredRotation
+from hadakit.transforms.spec import ROTATION_GRAMMAR, layer_seed
+from hadakit.transforms.spec import parse_rotation as _parse_rotation_name
 
 __all__ = [
     "ROTATION_NAMES",
@@ -79,8 +79,7 @@ __all__ = [
 
 #: The rotation names :func:`make_rotation` knows (``block-<b>`` / ``random-block-<b>`` take any block size).
 ROTATION_NAMES = ("none", "hadamard", "random", "block-<b>", "random-block-<b>")
-_ROTATION_HELP = ("none, hadamard, random (H·D with seeded signs), block-<b> (block-diagonal H, e.g. block-32, "
-                  "block-128), random-block-<b>, or a hadakit.HadamardRotation")
+_ROTATION_HELP = ROTATION_GRAMMAR + ", or a hadakit.HadamardRotation"
 
 #: A channel counts in ``outlier_channels`` when its RMS exceeds this multiple of the median channel RMS.
 OUTLIER_RMS_FACTOR = 6.0
@@ -121,12 +120,6 @@ def format_levels(scheme: str | QuantScheme) -> torch.Tensor:
     return vals.unique().sort().values
 
 
-def layer_seed(base: int, name: str) -> int:
-    """The per-layer seed of ``hadakit quantize``'s ``random`` rotation (``models.pipeline``), so ``inspect`` with
-    the same seed analyses exactly the rotations the quantizer applies."""
-    return base * 1_000_003 + zlib.crc32(name.encode())
-
-
 def make_rotation(spec: str | nn.Module | None, n: int, *, seed: int = 0, fallback: str | None = "dct"
                   ) -> nn.Module | None:
     """The rotation ``spec`` of size ``n`` along the last dim (``None`` for ``"none"``).
@@ -154,19 +147,11 @@ def make_rotation(spec: str | nn.Module | None, n: int, *, seed: int = 0, fallba
 
 
 def parse_rotation(spec: str) -> tuple[int | None, str] | None:
-    """``(block_size or None, signs mode)`` of a rotation name, ``None`` for ``"none"``; unknown names raise a
-    ValueError listing the valid ones."""
-    if not isinstance(spec, str):
-        raise TypeError(f"rotation must be a name ({_ROTATION_HELP}), got {type(spec).__name__}")
-    name = spec.strip().lower()
-    if name == "none":
-        return None
-    if name in ("hadamard", "random"):
-        return None, ("fixed" if name == "random" else "none")
-    m = re.fullmatch(r"(random-)?block-(\d+)", name)
-    if m and int(m.group(2)) >= 1:
-        return int(m.group(2)), ("fixed" if m.group(1) else "none")
-    raise ValueError(f"unknown rotation {spec!r}; valid rotations: {_ROTATION_HELP}")
+    """``(block_size or None, signs mode)`` of a rotation name of the grammar of :mod:`hadakit.transforms.spec`
+    (the one ``hadakit quantize`` recipes use), ``None`` for ``"none"``; unknown names raise a ValueError listing
+    the valid ones."""
+    parsed = _parse_rotation_name(spec)
+    return None if parsed is None else (parsed.block_size, parsed.signs)
 
 
 def rotation_label(spec: str | nn.Module | None) -> str:

@@ -38,9 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window-len", type=int, default=256, help="tokens per window, BOS added (default 256)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random rotations (default 0)")
-    p.add_argument("--skip", default="lm_head,embed",
-                   help="comma-separated layer-name substrings to leave out (default: lm_head,embed)")
-    p.add_argument("--include", default=None, help="comma-separated substrings: only layers whose name has one")
+    p.add_argument("--ignore", "--skip", dest="ignore", default="lm_head,embed",
+                   help="comma-separated layer-name patterns to leave out (default: lm_head,embed; the rule of "
+                        "recipe targets/ignore: substring, glob, re:REGEX or a class name)")
+    p.add_argument("--targets", "--include", dest="targets", default=None,
+                   help="comma-separated layer-name patterns: only the layers that match one")
     p.add_argument("--no-weights", action="store_true", help="skip the weight statistics")
     p.add_argument("--no-plots", action="store_true", help="write the JSON and HTML without PNG plots")
     p.add_argument("--top", type=int, default=15, help="rows in the table of worst layers (default 15)")
@@ -76,7 +78,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         if value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value}")
 
-    from hadakit.models import load_model, make_windows, read_text
+    from hadakit.io.loading import load_model
+    from hadakit.io.texts import make_windows, read_text
 
     try:
         text = read_text(args.text)
@@ -97,7 +100,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     _log(f"{windows.shape[0]} window(s) of {windows.shape[1]} tokens from {args.text!r}")
 
     common = dict(format=args.format, weight_format=args.weight_format, weights=not args.no_weights,
-                  seed=args.seed, skip=_split(args.skip), include=_split(args.include) or None,
+                  seed=args.seed, ignore=_split(args.ignore), targets=_split(args.targets),
                   batch_size=args.batch_size, progress=_log, model_name=model_name)
     reports = {}
     for rot in rotations:

@@ -71,12 +71,13 @@ def _log(msg: str) -> None:
 
 def run_quantize(args: argparse.Namespace) -> int:
     from hadakit.devices import resolve_device
-    from hadakit.models import TextWindows, load_model
-    from hadakit.models.checkpoint import check_checkpoint_dir
-    from hadakit.models.compare import (ABLATION_RECIPES, FULL_RECIPES, QUICK_CALIB_WINDOWS, QUICK_RECIPES,
+    from hadakit.io.texts import TextWindows
+    from hadakit.io.loading import load_model
+    from hadakit.io.checkpoint import check_checkpoint_dir
+    from hadakit.evaluation.compare import (ABLATION_RECIPES, FULL_RECIPES, QUICK_CALIB_WINDOWS, QUICK_RECIPES,
                                         run_comparison)
-    from hadakit.models.data import read_text
-    from hadakit.models.recipes import check_recipe_for_model, get_recipe
+    from hadakit.io.texts import read_text
+    from hadakit.quantization.recipes import check_recipe_for_model, get_recipe
 
     if args.out and args.compare:
         raise ValueError("--out saves one quantized model: use it with a single --recipe, not --compare")
@@ -129,7 +130,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.out:
         return _run_single(args, parsed[recipes[0]], model, tokenizer, model_name, eval_windows, extra_eval, t0)
 
-    from hadakit.models.compare import CompareResult, save_plot, save_tradeoff_plot
+    from hadakit.evaluation.compare import CompareResult, save_plot, save_tradeoff_plot
 
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +167,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 def _store_dtype(args: argparse.Namespace, recipe) -> str | None:
     """The recipe's store dtype for an --out run: --store, else the recipe's own store= option, else the source
     model's dtype (bf16 for a GGUF, whose weights are not fp32; a Hugging Face directory's config dtype)."""
-    from hadakit.models.loading import source_dtype
+    from hadakit.io.loading import source_dtype
 
     choice = args.store
     if choice is None and recipe.store_dtype is not None:
@@ -182,10 +183,10 @@ def _run_single(args, recipe, model, tokenizer, model_name, eval_windows, extra_
     import dataclasses
 
     import hadakit
-    from hadakit.models import perplexity
-    from hadakit.models.compare import PeakMemory, peak_rss_mb
-    from hadakit.models.data import calibration_windows
-    from hadakit.models.evaluate import generate_samples
+    from hadakit.evaluation.metrics import perplexity
+    from hadakit.evaluation.compare import PeakMemory, peak_rss_mb
+    from hadakit.io.texts import calibration_windows
+    from hadakit.evaluation.metrics import generate_samples
 
     device = next(model.parameters()).device
     recipe = dataclasses.replace(recipe, calib_windows=args.calib_windows or recipe.calib_windows,
@@ -236,7 +237,7 @@ def _run_single(args, recipe, model, tokenizer, model_name, eval_windows, extra_
     else:
         path = hadakit.save(model, args.out, tokenizer, force=args.force, extra=extra_meta)
         reproduce = f"; reproduce with: hadakit eval {path}" if ppl is not None else ""
-    from hadakit.models.checkpoint import checkpoint_size_bytes
+    from hadakit.io.checkpoint import checkpoint_size_bytes
 
     print(f"saved {path} ({checkpoint_size_bytes(path) / 1e6:.1f} MB, unquantized tensors in "
           f"{recipe.store_dtype or 'fp32'}){reproduce}")
@@ -260,7 +261,7 @@ def _file_sha256(path: Path) -> str:
 def eval_record(windows) -> dict:
     """What ``hadakit eval`` needs to rebuild ``windows`` from any directory: a built-in text by its name, a file by
     its absolute path and the SHA-256 of its content."""
-    from hadakit.models.data import _resolve, builtin_texts
+    from hadakit.io.texts import _resolve, builtin_texts
 
     record = windows.to_dict()
     path = _resolve(windows.text)
@@ -272,7 +273,7 @@ def eval_record(windows) -> dict:
 
 def eval_windows_from_record(record: dict, checkpoint: Path):
     """Inverse of :func:`eval_record`, with a named error when the text file is gone or changed."""
-    from hadakit.models import TextWindows
+    from hadakit.io.texts import TextWindows
 
     record = dict(record)
     digest = record.pop("text_sha256", None)
@@ -295,8 +296,8 @@ def eval_windows_from_record(record: dict, checkpoint: Path):
 
 
 def _run_cosine(args: argparse.Namespace, device) -> int:
-    from hadakit.models import load_model
-    from hadakit.models.compare import ENCODER_RECIPES, embedding_markdown, run_embedding_comparison
+    from hadakit.io.loading import load_model
+    from hadakit.evaluation.compare import ENCODER_RECIPES, embedding_markdown, run_embedding_comparison
 
     if args.model is None:
         raise ValueError("--cosine scores an encoder: pass --model DIR (e.g. the all-MiniLM-L6-v2 directory)")
@@ -318,8 +319,9 @@ def _run_cosine(args: argparse.Namespace, device) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from hadakit.devices import resolve_device
-    from hadakit.models import TextWindows, perplexity
-    from hadakit.models.checkpoint import load_quantized_model, read_checkpoint_meta
+    from hadakit.io.texts import TextWindows
+    from hadakit.evaluation.metrics import perplexity
+    from hadakit.io.checkpoint import load_quantized_model, read_checkpoint_meta
 
     device = resolve_device(args.device)
     path = Path(args.checkpoint)

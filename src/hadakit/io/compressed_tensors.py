@@ -390,7 +390,7 @@ def _fused_families(names) -> dict[tuple[str, str], list[str]]:
 def _activation_amax(ckpt: Path, names: list[str], calib: torch.Tensor | None) -> tuple[dict[str, float], str]:
     """Largest |T(x)| (the transformed input the activation quantizer sees) of each linear in ``names`` over
     calibration tokens, running hadakit's own model; and a description of the tokens used."""
-    from hadakit.models.checkpoint import load_quantized_model
+    from hadakit.io.checkpoint import load_quantized_model
 
     model, tok = load_quantized_model(ckpt)
     if calib is None:
@@ -399,7 +399,7 @@ def _activation_amax(ckpt: Path, names: list[str], calib: torch.Tensor | None) -
                 "NVFP4 activations: vLLM quantizes them with a static input_global_scale, hadakit's tensor scale is "
                 "dynamic; the checkpoint has no tokenizer to calibrate one on the built-in text: pass calib= "
                 "(token ids [n, len])")
-        from hadakit.models import CALIBRATION_TEXT, calibration_windows
+        from hadakit.io.texts import CALIBRATION_TEXT, calibration_windows
 
         calib = calibration_windows(tok, CALIBRATION_TEXT, n_windows=NVFP4_CALIB_WINDOWS, window=NVFP4_CALIB_LEN)
         desc = f"{NVFP4_CALIB_WINDOWS} windows x {NVFP4_CALIB_LEN} tokens of {CALIBRATION_TEXT!r} (seed 0)"
@@ -497,7 +497,7 @@ def export_compressed_tensors(checkpoint_dir: str | Path, out_dir: str | Path, *
     from safetensors.torch import load_file, save_file
 
     from hadakit.formats import QuantizedTensor, get_scheme
-    from hadakit.models.recipes import QuantRecipe
+    from hadakit.quantization.recipes import QuantRecipe
 
     ckpt, out = Path(checkpoint_dir), Path(out_dir)
     if not ckpt.is_dir():

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from hadakit.formats import QuantScheme, fake_quantize, get_scheme
+from hadakit.quantization.structure import head_dim as _head_dim
 from hadakit.transforms import hadamard_transform, inverse_hadamard_transform, supported
 
 ATTN_NAME = "hadakit_kv"
@@ -88,13 +89,6 @@ def _register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_NAME, _kv_attention)
-
-
-def _head_dim(mod: nn.Module) -> int | None:
-    for attr in ("head_dim", "attention_head_size"):  # Llama/Gemma/Qwen/...; BERT
-        if isinstance(getattr(mod, attr, None), int):
-            return getattr(mod, attr)
-    return None
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -22,7 +22,7 @@ Rotation (``RotationConfig.kind``): ``none``; ``hadamard`` (an online ``H`` on t
 ``y = Q(x·Hᵀ)·Q(W·Hᵀ)ᵀ``, exact before quantization since ``HᵀH = I``); ``random`` (``H·D`` with seeded signs, a
 different seed per layer); ``block`` (block-diagonal ``H`` of ``block_size``).
 
-Calibrated options (``models/calibrate``), written after the method in a spec, comma-separated
+Calibrated options (``quantization/calibrate``), written after the method in a spec, comma-separated
 (``"w4a4:random:gptq:smooth=search,aclip=search,wclip,learn=affine"``):
 
 ==================  ===============================================================================================
@@ -34,7 +34,7 @@ option              meaning
 ``store=D``         the tensors left unquantized (embeddings, LM head, norms) rounded to ``D`` (``bf16``/``fp16``) and
                     stored in it: a smaller checkpoint, and the run measures exactly what it reloads
 ``fusevo``          the per-head part of ``o_proj``'s rotation is fused offline into ``v_proj`` (checked exact on a
-                    probe); only a Hadamard across heads stays online (``models/fusion``)
+                    probe); only a Hadamard across heads stays online (``quantization/fusion``)
 ``actorder``        GPTQ visits columns by decreasing Hessian diagonal (static groups: same packed layout)
 ``refit=N``         N rounds of least-squares group scales for GPTQ's codes, then GPTQ again under those scales
 ``seq``             true-sequential calibration: within a layer, each linear's inputs come from the layer with the
@@ -53,7 +53,7 @@ option              meaning
 
 Two forms of a recipe: the string ``NAME[:ROTATION[:METHOD[:OPTIONS]]]`` (``get_recipe``; ``QuantRecipe.spec()``
 writes the canonical one, ``get_recipe(r.spec()) == r``) and the JSON of ``to_dict`` / ``from_dict`` (``save`` /
-``load``), which is lossless: fields no string sets (``skip``, ``calib_windows``, ``rotation.seed``, a custom scheme
+``load``), which is lossless: fields no string sets (``targets``, ``ignore``, ``calib_windows``, ``rotation.seed``, a custom scheme
 dict, ...) make ``spec()`` raise, naming them. Both forms, and direct construction, are checked by the same rules
 (``QuantRecipe._validate``), so each mistake gets one error naming the field.
 """
@@ -66,10 +66,13 @@ import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hadakit.models.gptq import GPTQConfig
+from hadakit.quantization.gptq import GPTQConfig
+from hadakit.selection import check_patterns
+from hadakit.transforms.spec import RotationSpec, parse_rotation
 
 FP_TARGET_STRENGTH = 0.5  # fptarget's default share of the correction: best of 0.25, 0.5, 1 on Gemma W4A16 (32 windows)
-ROTATIONS = ("none", "hadamard", "random", "block")
+_BLOCK_KINDS = ("block", "random-block")
+ROTATIONS = ("none", "hadamard", "random", "block", "random-block")  # the grammar of hadakit.transforms.spec
 METHODS = ("rtn", "gptq")
 LEARNED = (None, "orthogonal", "affine")
 STORE_DTYPES = (None, "bf16", "fp16")
@@ -105,15 +108,15 @@ class RotationConfig:
     def __post_init__(self):
         if not isinstance(self.kind, str) or self.kind not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.kind!r}")
-        if self.kind == "block" and not self.block_size:
-            raise ValueError("rotation 'block' needs a block_size (e.g. 32 or 128)")
+        if self.kind in _BLOCK_KINDS and not self.block_size:
+            raise ValueError(f"rotation {self.kind!r} needs a block_size (e.g. 32 or 128)")
         if self.block_size is not None and (isinstance(self.block_size, bool) or not isinstance(self.block_size, int)
                                             or self.block_size < 1):
             raise ValueError(f"rotation block_size must be a positive integer (e.g. 32 or 128), got "
                              f"{self.block_size!r}")
-        if self.block_size is not None and self.kind != "block":
-            raise ValueError(f"rotation block_size={self.block_size} applies to kind 'block' only (block-N), not "
-                             f"{self.kind!r}: set kind 'block' or block_size null")
+        if self.block_size is not None and self.kind not in _BLOCK_KINDS:
+            raise ValueError(f"rotation block_size={self.block_size} applies to kinds 'block' / 'random-block' only "
+                             f"(block-N, random-block-N), not {self.kind!r}: set kind 'block' or block_size null")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"rotation seed must be a whole number (e.g. 0), got {self.seed!r}")
         from hadakit.transforms.plan import FALLBACKS
@@ -121,8 +124,31 @@ class RotationConfig:
         if self.fallback is not None and (not isinstance(self.fallback, str) or self.fallback not in FALLBACKS):
             raise ValueError(f"rotation fallback must be one of {(None, *FALLBACKS)}, got {self.fallback!r}")
 
+    @property
+    def block(self) -> int | None:
+        """The block size of a block-diagonal rotation, ``None`` for one over the whole dimension."""
+        return self.block_size if self.kind in _BLOCK_KINDS else None
+
+    @property
+    def signs(self) -> str:
+        """``"fixed"`` for the randomized kinds (``H·D``, seeded per layer), else ``"none"``."""
+        return "fixed" if self.kind in ("random", "random-block") else "none"
+
     def label(self) -> str:
-        return f"block-{self.block_size}" if self.kind == "block" else self.kind
+        """The name in the rotation grammar of :mod:`hadakit.transforms.spec`."""
+        if self.kind == "none":
+            return "none"
+        return str(RotationSpec(self.block, self.signs))
+
+    @classmethod
+    def from_name(cls, name: str, **fields) -> "RotationConfig":
+        """The config of a name of the rotation grammar (``random-block-128``); ``fields``: seed, fallback."""
+        spec = parse_rotation(name)
+        if spec is None:
+            return cls("none", **fields)
+        kind = ("random" if spec.signs == "fixed" else "hadamard") if spec.block_size is None else \
+            ("random-block" if spec.signs == "fixed" else "block")
+        return cls(kind, spec.block_size, **fields)
 
 
 @dataclass(frozen=True)
@@ -138,7 +164,10 @@ class QuantRecipe:
         gptq: GPTQ settings.
         rotation: the online rotation of every quantized linear's input.
         kv_rotation: Hadamard on head_dim before the KV quantizer (keys after RoPE).
-        skip: module-name substrings left in full precision (embeddings and the LM head by default).
+        targets / ignore: which linears the recipe quantizes, by the rule of :mod:`hadakit.selection` (shared with
+            ``inspect`` and ``convert``): ``targets`` empty means every ``nn.Linear`` / ``Conv1D``; ``ignore``
+            patterns are left in full precision (the LM head and embeddings by default). A ``recipe.json`` written
+            before ``targets``/``ignore`` existed names the ignore list ``skip``; it still loads.
         calib_windows / calib_len: calibration data for GPTQ (windows of calib_len tokens from the calibration text).
     """
 
@@ -150,7 +179,8 @@ class QuantRecipe:
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     rotation: RotationConfig = field(default_factory=RotationConfig)
     kv_rotation: bool = True
-    skip: tuple[str, ...] = ("lm_head", "embed")
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ("lm_head", "embed")
     calib_windows: int = 32
     calib_len: int = 512
     smooth: float | str | None = None
@@ -165,17 +195,18 @@ class QuantRecipe:
     sequential: bool = False
     # GPTQ fits each linear's quantized output to the full-precision model's output on the same tokens, not to its
     # own weights on the (already perturbed) quantized model's inputs: GPTAQ's asymmetric calibration.
-    # 0 = off; else how much of the least-squares correction is applied (see models.gptq.corrected_weight)
+    # 0 = off; else how much of the least-squares correction is applied (see quantization.gptq.corrected_weight)
     fp_target: float = 0.0
     # "bf16"/"fp16": the tensors left unquantized (embeddings, LM head, norms) are rounded to this dtype, so the
     # checkpoint stores them at half the size and the simulated run is what the checkpoint reloads.
     store_dtype: str | None = None
 
     def __post_init__(self):
-        if not isinstance(self.skip, (list, tuple)) or not all(isinstance(x, str) for x in self.skip):
-            raise ValueError(f"recipe field skip must be a list of module-name substrings (e.g. "
-                             f"[\"lm_head\", \"embed\"], or [] for none), got {self.skip!r}")
-        object.__setattr__(self, "skip", tuple(self.skip))
+        for fname in ("targets", "ignore"):
+            try:
+                object.__setattr__(self, fname, check_patterns(getattr(self, fname), f"recipe field {fname}"))
+            except TypeError as e:
+                raise ValueError(f"{e} (e.g. [\"lm_head\", \"embed\"], or [] for none)") from None
         self._validate()
 
     def _validate(self) -> None:
@@ -322,7 +353,7 @@ class QuantRecipe:
         if rotation is not None or block_size is not None or seed is not None:
             kind = rotation or rot.kind
             # a block size belongs to a block rotation: another kind drops the old one (a new one is refused)
-            size = block_size if block_size is not None else rot.block_size if kind == "block" else None
+            size = block_size if block_size is not None else rot.block_size if kind in _BLOCK_KINDS else None
             rot = dataclasses.replace(rot, kind=kind, block_size=size, seed=rot.seed if seed is None else seed)
         return dataclasses.replace(self, rotation=rot, method=method or self.method)
 
@@ -340,7 +371,7 @@ class QuantRecipe:
 
         Raises ``ValueError`` naming the field(s) when no string expresses the recipe (a name that is no preset,
         schemes other than the preset's, ``gptq.damp`` / ``gptq.block_size``, ``rotation.seed`` /
-        ``rotation.fallback``, ``kv_rotation``, ``skip``, ``calib_windows`` / ``calib_len`` / ``calib_rows`` away
+        ``rotation.fallback``, ``kv_rotation``, ``targets``, ``ignore``, ``calib_windows`` / ``calib_len`` / ``calib_rows`` away
         from their defaults, a block size without a Hadamard matrix): the JSON of :meth:`to_dict` / :meth:`save`
         is then the lossless form. Nothing is dropped silently: the string is parsed back and compared.
         """
@@ -357,7 +388,7 @@ class QuantRecipe:
             raise ValueError(f"recipe field kv={self.kv!r} has no string form: preset {self.name!r} sets "
                              f"{preset.get('kv')!r} (options change only its group size and clipping); {lossless}")
         rot = self.rotation
-        if rot.kind == "block":
+        if rot.block is not None:
             from hadakit.transforms.plan import supported
 
             if not supported(rot.block_size):
@@ -436,6 +467,10 @@ class QuantRecipe:
         key (top level, in ``gptq`` or in ``rotation``), a value of the wrong type or out of range, and settings
         that contradict each other raise ``ValueError`` naming the key and what it accepts."""
         known = _field_names(cls)
+        if isinstance(d, dict) and "skip" in d:  # recipe.json before targets/ignore
+            if "ignore" in d:
+                raise ValueError("a recipe has both 'skip' (the old name) and 'ignore': keep only 'ignore'")
+            d = {("ignore" if k == "skip" else k): v for k, v in d.items()}
         if not isinstance(d, dict):
             raise ValueError(f"a recipe must be a JSON object with keys from {known}, got {type(d).__name__}")
         unknown = sorted(set(d) - set(known), key=str)
@@ -510,11 +545,13 @@ def get_recipe(spec: str | QuantRecipe, **overrides) -> QuantRecipe:
         raise ValueError(f"recipe spec {spec!r}: expected name[:rotation[:method[:options]]]")
     recipe = QuantRecipe(name=name, **_PRESETS[name])
     if opts:
-        rot = opts[0]
-        block = None
-        if rot.startswith("block-"):
-            rot, block = "block", _block_size(rot)
-        recipe = recipe.with_options(rotation=rot, block_size=block, method=opts[1] if len(opts) > 1 else None)
+        kind = block = None
+        if opts[0]:  # an empty field keeps the preset's rotation
+            rot = RotationConfig.from_name(opts[0])
+            if rot.block is not None:
+                _check_block_size(opts[0], rot.block)
+            kind, block = rot.kind, rot.block_size
+        recipe = recipe.with_options(rotation=kind, block_size=block, method=opts[1] if len(opts) > 1 else None)
         if len(opts) > 2:
             recipe = apply_options(recipe, opts[2])
     return dataclasses.replace(recipe, **overrides) if overrides else recipe
@@ -523,12 +560,12 @@ def get_recipe(spec: str | QuantRecipe, **overrides) -> QuantRecipe:
 def check_recipe_for_model(recipe: QuantRecipe, model) -> None:
     """Raise ``ValueError`` before any work if ``recipe``'s rotation cannot be built for a linear of ``model`` it
     would quantize: a ``block-N`` size that does not divide the linear's input size, or (with ``fallback=None``) an
-    input size without a Hadamard matrix. The linears are those :func:`hadakit.models.pipeline.find_linears` picks
-    (every ``nn.Linear`` / ``Conv1D`` outside ``recipe.skip``), and only when the recipe replaces linears at all;
+    input size without a Hadamard matrix. The linears are those :func:`hadakit.quantization.pipeline.find_linears` picks
+    (every ``nn.Linear`` / ``Conv1D`` selected by ``recipe.targets`` / ``recipe.ignore``), and only when the recipe replaces linears at all;
     returns ``None`` when every one is fine. Builds nothing: only the transform plans are looked up."""
     from math import gcd
 
-    from hadakit.models.pipeline import find_linears, linear_weight
+    from hadakit.quantization.structure import find_linears, linear_weight
     from hadakit.transforms import transform_plan
     from hadakit.transforms.plan import largest_supported_divisor
 
@@ -536,7 +573,7 @@ def check_recipe_for_model(recipe: QuantRecipe, model) -> None:
     if not recipe.quantizes_linears or rot.kind == "none":
         return
     sizes = {name: linear_weight(mod).shape[1] for name, mod in find_linears(model, recipe)[0].items()}
-    if rot.kind == "block":
+    if rot.block is not None:
         bad = {name: n for name, n in sizes.items() if n % rot.block_size}
         if bad:
             g = 0
@@ -547,7 +584,7 @@ def check_recipe_for_model(recipe: QuantRecipe, model) -> None:
             raise ValueError(f"recipe {recipe.label()!r}: block size {rot.block_size} does not divide the input size "
                              f"of {len(bad)} linear(s) it would quantize ({shown}); use a block size that divides "
                              f"them all, e.g. block-{largest_supported_divisor(g)}")
-    block = rot.block_size if rot.kind == "block" else None
+    block = rot.block
     checked: set[int] = set()
     for name, n in sizes.items():  # the same plan make_rotation looks up for each layer
         if n in checked:
@@ -559,25 +596,15 @@ def check_recipe_for_model(recipe: QuantRecipe, model) -> None:
             raise ValueError(f"recipe {recipe.label()!r}, layer {name}: {exc}") from None
 
 
-def _block_size(rotation: str) -> int:
-    """The block size of a ``block-N`` rotation: a positive integer with a Hadamard matrix, checked here, before
-    any model is loaded or layer is quantized."""
+def _check_block_size(rotation: str, n: int) -> None:
+    """A ``block-N`` rotation's size must have a Hadamard matrix: checked here, before any model is loaded or layer
+    is quantized."""
     from hadakit.transforms.plan import nearest_supported, supported
 
-    text = rotation.split("-", 1)[1]
-    try:
-        n = int(text)
-    except ValueError:
-        raise ValueError(f"rotation {rotation!r}: the block size must be a whole number, as in block-32 or "
-                         f"block-128; got {text!r}") from None
-    if n < 1:
-        raise ValueError(f"rotation {rotation!r}: the block size must be a positive integer, as in block-32 or "
-                         f"block-128")
     if not supported(n):
         near = ", ".join(str(c) for c in nearest_supported(n) if c is not None)
         raise ValueError(f"rotation {rotation!r}: no Hadamard matrix of size {n} is known to hadakit (sizes are "
                          f"m·2^k with a known order m); nearest supported block sizes: {near}")
-    return n
 
 
 def _whole_number(key: str, value: str | None, lo: int, example: str) -> int:

@@ -4,7 +4,7 @@
 optionally with random signs or block-diagonal). Since ``Rᵀ·R = I`` the product is exact before quantization;
 rotating spreads outliers over all channels so both quantizers see flatter distributions.
 
-Two calibrated stages can come with the rotation (``models/calibrate``): per-channel smoothing scales ``s`` before it
+Two calibrated stages can come with the rotation (``quantization/calibrate``): per-channel smoothing scales ``s`` before it
 (``x/s`` online, ``W·diag(s)`` offline: SmoothQuant's migration of outliers from activations into weights, exact
 for any architecture because the division rides along with the rotation), and a learned Kronecker transform ``P``
 after it (``x·P`` online, ``W·P⁻ᵀ`` offline; orthogonal or affine). The whole input map is

@@ -1,7 +1,7 @@
 """The public library verbs: what ``hadakit quantize`` does, on a model object the user already has.
 
 ``quantize(model, recipe, calibration, tokenizer=...)`` rotates and quantizes any transformers model in place (the
-pipeline of :mod:`hadakit.models.pipeline`) and returns its :class:`~hadakit.models.pipeline.QuantizationReport`.
+pipeline of :mod:`hadakit.quantization.pipeline`) and returns its :class:`~hadakit.quantization.pipeline.QuantizationReport`.
 Library code never prints: progress goes to the ``hadakit`` logger (see :func:`quantize`).
 """
 
@@ -19,9 +19,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from hadakit.models.data import document_windows, read_text, text_calibration_windows
-from hadakit.models.pipeline import QuantizationReport, _vocab_size, prepare_calibration, quantize_model
-from hadakit.models.recipes import QuantRecipe, get_recipe
+from hadakit.io.texts import document_windows, read_text, text_calibration_windows
+from hadakit.quantization.pipeline import QuantizationReport, _vocab_size, prepare_calibration, quantize_model
+from hadakit.quantization.recipes import QuantRecipe, get_recipe
 
 __all__ = ["quantize"]
 
@@ -47,7 +47,7 @@ def quantize(
 ) -> QuantizationReport:
     """Rotate and quantize ``model`` (any transformers model object) in place; returns what was done.
 
-    Every ``nn.Linear`` (and GPT-2's ``Conv1D``) outside the recipe's ``skip`` list (the embeddings and LM head by
+    Every ``nn.Linear`` (and GPT-2's ``Conv1D``) selected by the recipe's ``targets`` / ``ignore`` lists (the embeddings and LM head by
     default) becomes a rotated quantized linear; GPTQ and the calibrated options calibrate one layer at a time on
     ``calibration``. The model keeps its ``forward`` (logits out), so any evaluation code runs on it unchanged.
 
@@ -55,16 +55,16 @@ def quantize(
         model: a transformers model (``AutoModelForCausalLM``, ``AutoModel`` for encoders, ...), changed in place.
         recipe: a recipe string ``NAME[:ROTATION[:METHOD[:OPTIONS]]]`` (e.g. ``"w4a16_g128:block-128:gptq"``,
             ``"w4a4:random:gptq:smooth=search,aclip=search"``, or a recipe ``.json`` path) or a
-            :class:`~hadakit.models.recipes.QuantRecipe`.
+            :class:`~hadakit.quantization.recipes.QuantRecipe`.
         calibration: the calibration data; ``None`` only for recipes that need none (RTN without calibrated
             options): there is no built-in default, since a user's model deserves text of its own domain (pass
-            ``hadakit.models.read_text("lear")`` to use the CLI's King Lear). One of
+            ``hadakit.io.texts.read_text("lear")`` to use the CLI's King Lear). One of
 
             * a ``str``: the text itself (a ``str`` that is one line naming an existing file is read as that file);
               ``calib_windows`` windows of ``calib_len`` tokens at seeded random offsets (``seed``), as
               ``hadakit quantize --calib-text`` cuts them;
             * a ``pathlib.Path`` (or any ``os.PathLike``) to a text file: read with
-              :func:`~hadakit.models.read_text` (Project Gutenberg headers stripped), then windowed as a text;
+              :func:`~hadakit.io.texts.read_text` (Project Gutenberg headers stripped), then windowed as a text;
             * a ``list`` of ``str`` (documents): one window per document, its first ``calib_len`` tokens (the first
               ``calib_windows`` documents when that is given, else all), right-padded to the longest with a mask;
             * token ids: a ``[n, L]`` ``torch.long`` tensor, a dict with ``"input_ids"`` and optionally
@@ -90,7 +90,7 @@ def quantize(
             ~400 MB less for Gemma 3 270M).
 
     Returns:
-        The :class:`~hadakit.models.pipeline.QuantizationReport`: linears quantized and skipped, bits per weight,
+        The :class:`~hadakit.quantization.pipeline.QuantizationReport`: linears quantized and skipped, bits per weight,
         seconds, fitted options, and the calibration that ran (``calib_source`` ``"text"`` / ``"file"`` /
         ``"documents"`` / ``"tokens"``, ``calib_windows``, ``calib_len``, ``calib_tokens`` real tokens,
         ``calib_padded``, ``calib_path``; ``calibration_info()`` gives them as a dict for a recipe.json).
@@ -103,7 +103,7 @@ def quantize(
     Example, on a model of your own (a local Hugging Face directory)::
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from hadakit.models.verbs import quantize
+        from hadakit.api import quantize
 
         model = AutoModelForCausalLM.from_pretrained("path/to/model")
         tok = AutoTokenizer.from_pretrained("path/to/model")
@@ -113,7 +113,7 @@ def quantize(
     Without calibration, on token ids of a tiny model built here:
 
     >>> import torch, transformers
-    >>> from hadakit.models.verbs import quantize
+    >>> from hadakit.api import quantize
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -134,7 +134,7 @@ def quantize(
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     target = _resolve_device(device)
-    from hadakit.models.recipes import check_recipe_for_model
+    from hadakit.quantization.recipes import check_recipe_for_model
 
     check_recipe_for_model(recipe, model)  # rotation sizes against the model's linears, before any work
     _check_schemes(recipe, model)
@@ -146,7 +146,7 @@ def quantize(
                 f"{' with calibrated options' if recipe.fits_options else ''}"
                 f"{' and kvcenter' if recipe.kv_center and recipe.kv is not None else ''}, which needs calibration "
                 f"data: pass calibration= a text str (with tokenizer=), a pathlib.Path to a text file, a list of "
-                f"documents, or [n, L] token ids — e.g. calibration=hadakit.models.read_text('lear') for the "
+                f"documents, or [n, L] token ids — e.g. calibration=hadakit.io.texts.read_text('lear') for the "
                 f"built-in King Lear — or use a recipe that needs none (method 'rtn', e.g. "
                 f"{recipe.name}:{recipe.rotation.label()}:rtn)")
         calib, mask = None, None
@@ -202,7 +202,7 @@ def _resolve_recipe(recipe) -> QuantRecipe:
 
 def _check_schemes(recipe: QuantRecipe, model: nn.Module) -> None:
     """The weight and activation groups fit every linear the recipe quantizes (checked before any is replaced)."""
-    from hadakit.models.pipeline import find_linears, linear_weight
+    from hadakit.quantization.structure import find_linears, linear_weight
 
     if not recipe.quantizes_linears:
         return

@@ -163,7 +163,7 @@ def _resolve(name_or_path: str | Path) -> Path:
         raise FileNotFoundError(
             f"no text file at {str(path)!r}. Pass the path of an existing text file, or the name of a "
             f"built-in Shakespeare text as a str, e.g. read_text('hamlet') ({names}, ...; "
-            f"see hadakit.models.builtin_texts() for all of them)"
+            f"see hadakit.io.texts.builtin_texts() for all of them)"
         )
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory; pass the path of a text file")
@@ -276,7 +276,7 @@ def make_windows(
     ``text`` is tokenized without special tokens; its first ``n_windows * window`` tokens are cut into
     ``n_windows`` consecutive windows of ``window`` tokens and, with ``add_bos``, BOS is prepended to each.
     Returns a ``torch.long`` tensor of shape ``[n_windows, window + 1]`` (``[n_windows, window]`` without BOS);
-    every text token is predicted by :func:`hadakit.models.perplexity`, the BOS only gives context.
+    every text token is predicted by :func:`hadakit.evaluation.metrics.perplexity`, the BOS only gives context.
 
     Raises ``ValueError`` when the text has fewer than ``n_windows * window`` tokens.
     """

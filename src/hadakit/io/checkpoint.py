@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from hadakit.formats import QuantizedTensor, get_scheme
-from hadakit.models.qlinear import RotatedQuantLinear
-from hadakit.models.recipes import QuantRecipe
+from hadakit.quantization.qlinear import RotatedQuantLinear
+from hadakit.quantization.recipes import QuantRecipe
 from hadakit.outdir import check_output_dir, write_dir_atomically
 from hadakit.transforms.kronecker import KroneckerTransform
 from hadakit.transforms.rotations import HeadMixRotation
@@ -260,8 +260,8 @@ def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu"
     forwards, fp32-sized memory). Both give the same float32 logits bit for bit."""
     from safetensors.torch import load_file
 
-    from hadakit.models.kv_cache import K_CENTER, V_CENTER, install_kv_quantization
-    from hadakit.models.loading import load_config, model_class_by_name
+    from hadakit.quantization.kv_cache import K_CENTER, V_CENTER, install_kv_quantization
+    from hadakit.io.loading import load_config, model_class_by_name
 
     root = Path(path)
     meta, recipe = read_checkpoint_meta(root)
@@ -321,7 +321,7 @@ def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu"
         for key, center in centers.items():
             owner, _, buf = key.rpartition(".")
             model.get_submodule(owner).register_buffer(buf, center.to(device))
-    from hadakit.models.loading import load_tokenizer, tokenizer_files
+    from hadakit.io.loading import load_tokenizer, tokenizer_files
 
     # a checkpoint saved without a tokenizer still loads (tokenizer None)
     tokenizer = load_tokenizer(root) if tokenizer_files(root) else None

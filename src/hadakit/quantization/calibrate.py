@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from hadakit.formats import QuantScheme, fake_quantize
-from hadakit.models.gptq import HessianAccumulator
-from hadakit.models.qlinear import input_map, weight_map
+from hadakit.quantization.gptq import HessianAccumulator
+from hadakit.quantization.qlinear import input_map, weight_map
 from hadakit.transforms.kronecker import KroneckerTransform, kron_apply
 
 SMOOTH_ALPHAS = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8)

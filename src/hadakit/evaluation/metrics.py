@@ -78,7 +78,7 @@ def perplexity(model: Any, windows: Any, *, batch_size: int = 1, progress: bool 
                chunk: int | None = NLL_CHUNK) -> float:
     """exp(mean next-token NLL) over all predicted positions of all windows.
 
-    ``windows`` is a ``[n_windows, length]`` token tensor (:func:`hadakit.models.make_windows`); the first token of
+    ``windows`` is a ``[n_windows, length]`` token tensor (:func:`hadakit.io.texts.make_windows`); the first token of
     each window (BOS) is context only and never predicted, so ``n_windows * (length - 1)`` tokens are scored. The
     NLL is computed from float32 log-softmax and accumulated in float64. ``progress`` shows a tqdm bar. ``chunk``:
     positions per log-softmax (:func:`next_token_nll`: the same result for any value, less memory for a large

@@ -1,12 +1,12 @@
 """Rotate and quantize a model: RTN or GPTQ weights, dynamic per-token activations, KV cache.
 
-Architecture-agnostic: every ``nn.Linear`` (and GPT-2's ``Conv1D``) outside ``recipe.skip`` becomes a
+Architecture-agnostic: every ``nn.Linear`` (and GPT-2's ``Conv1D``) selected by the recipe's ``targets``/``ignore`` becomes a
 ``RotatedQuantLinear`` with an online rotation on its input; nothing assumes one family's norm layout. GPTQ
 calibrates one decoder layer at a time: the inputs of the first layer are captured once, then each layer's linears
 collect Hessians of their (rotated) inputs, are quantized, and the quantized layer's outputs become the next layer's
 inputs — so only one layer's weights and activations need to be on the device at a time. With ``fptarget`` a second
 stream carries the full-precision model's hidden states alongside, and each linear is fitted to its full-precision
-outputs (see ``models.gptq.corrected_weight``).
+outputs (see ``quantization.gptq.corrected_weight``).
 
 Calibration windows run one at a time (batch 1), so they may differ in length: ``calib`` is a ``[n, L]`` token
 tensor, optionally with an ``attention_mask`` (padded windows), or a list of 1-D token tensors. A padded window is
@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,14 +28,16 @@ import torch
 from torch import nn
 
 from hadakit.formats import QuantScheme, quantize
-from hadakit.models.calibrate import (InputStats, LinearFit, LinearProblem, search_act_clip,
+from hadakit.quantization.calibrate import (InputStats, LinearFit, LinearProblem, search_act_clip,
                                       search_smoothing, train_transform, transform_hessian)
-from hadakit.models.gptq import corrected_weight, gptq_quantize
-from hadakit.models.kv_cache import calibrate_kv_centers, install_kv_quantization
-from hadakit.models.qlinear import RotatedQuantLinear, weight_map
-from hadakit.models.quantizers import SchemeGroupQuantizer
-from hadakit.models.recipes import QuantRecipe, get_recipe
-from hadakit.models.stage_reuse import StageReuse
+from hadakit.quantization.gptq import corrected_weight, gptq_quantize
+from hadakit.quantization.kv_cache import calibrate_kv_centers, install_kv_quantization
+from hadakit.quantization.qlinear import RotatedQuantLinear, weight_map
+from hadakit.quantization.quantizers import SchemeGroupQuantizer
+from hadakit.quantization.recipes import QuantRecipe, get_recipe
+from hadakit.quantization.stage_reuse import StageReuse
+from hadakit.quantization.structure import (_is_linear, _layer_seed, _set_module, find_decoder_layers,
+                                            find_linears, linear_weight)
 from hadakit.transforms import HadamardRotation, transform_plan
 
 
@@ -99,53 +100,6 @@ class QuantizationReport:
         return "\n".join(lines)
 
 
-def _is_conv1d(mod: nn.Module) -> bool:
-    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
-
-
-def _is_linear(mod: nn.Module) -> bool:
-    return isinstance(mod, (nn.Linear, RotatedQuantLinear)) or _is_conv1d(mod)
-
-
-def linear_weight(mod: nn.Module) -> torch.Tensor:
-    """The weight as ``[out, in]`` (GPT-2's Conv1D stores it transposed)."""
-    return mod.weight.t() if _is_conv1d(mod) else mod.weight
-
-
-def find_linears(model: nn.Module, recipe: QuantRecipe) -> tuple[dict[str, nn.Module], list[str]]:
-    chosen, skipped = {}, []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) or _is_conv1d(mod):
-            if any(s in name for s in recipe.skip):
-                skipped.append(name)
-            else:
-                chosen[name] = mod
-    return chosen, skipped
-
-
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of repeated blocks: the largest ``nn.ModuleList`` whose items hold linears."""
-    best = None
-    for mod in model.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and \
-                any(isinstance(m, nn.Linear) or _is_conv1d(m) for m in mod[0].modules()):
-            if best is None or len(mod) > len(best):
-                best = mod
-    if best is None:
-        raise ValueError(f"{type(model).__name__}: found no stack of layers (nn.ModuleList of blocks with linears)")
-    return best
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def _layer_seed(base: int, name: str) -> int:
-    return base * 1_000_003 + zlib.crc32(name.encode())  # a distinct, reproducible seed per layer
-
-
 def make_rotation(recipe: QuantRecipe, name: str, n: int, report: QuantizationReport | None = None
                   ) -> HadamardRotation | None:
     """The online rotation of linear ``name`` (input size ``n``); after ``fusevo``, what is left of it online."""
@@ -154,15 +108,14 @@ def make_rotation(recipe: QuantRecipe, name: str, n: int, report: QuantizationRe
     rot = recipe.rotation
     if rot.kind == "none":
         return None
-    block = rot.block_size if rot.kind == "block" else None
+    block = rot.block
     try:
         plan = transform_plan(n, block_size=block, fallback=rot.fallback)
     except ValueError as exc:
         raise ValueError(f"layer {name}: {exc}") from None
     if not plan.is_hadamard and report is not None:
         report.fallbacks[name] = plan.construction
-    signs = "fixed" if rot.kind == "random" else "none"
-    return HadamardRotation(n, block_size=block, signs=signs, seed=_layer_seed(rot.seed, name),
+    return HadamardRotation(n, block_size=block, signs=rot.signs, seed=_layer_seed(rot.seed, name),
                             fallback=rot.fallback)
 
 
@@ -454,7 +407,7 @@ def _call_layer(layer, hidden, kwargs):
 
 
 def _fit_linear(recipe: QuantRecipe, w: torch.Tensor, rotation, stats: InputStats, seed: int) -> LinearFit:
-    """Calibrated options of one linear (weight ``w``) from its input statistics (see ``models/calibrate``)."""
+    """Calibrated options of one linear (weight ``w``) from its input statistics (see ``quantization/calibrate``)."""
     if not recipe.fits_options:
         return LinearFit()  # plain GPTQ: nothing to fit, and no error proxy to pay for
     w = w.detach().float()
@@ -706,7 +659,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe | str, *, calib: torch.
                    progress: Callable[[str], None] | None = None, keep_dense: bool = True) -> QuantizationReport:
     """Rotate and quantize ``model`` in place following ``recipe`` (a :class:`QuantRecipe` or a recipe string);
     ``calib`` ([n, len] token ids, optionally with an ``attention_mask`` for padded windows, or a list of 1-D token
-    windows: see :func:`prepare_calibration`) feeds GPTQ and the calibrated options. ``hadakit.models.verbs.quantize``
+    windows: see :func:`prepare_calibration`) feeds GPTQ and the calibrated options. ``hadakit.api.quantize``
     is the public entry point (text, files, documents).
 
     ``keep_dense``: each quantized linear keeps a dequantized float ``weight`` next to its packed one (the default,
@@ -739,15 +692,15 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe | str, *, calib: torch.
     model.eval()
     if recipe.quantizes_linears:
         if recipe.fuse_values:
-            from hadakit.models.fusion import fuse_value_rotations
+            from hadakit.quantization.fusion import fuse_value_rotations
 
-            fused = fuse_value_rotations(model, signs="fixed" if recipe.rotation.kind == "random" else "none",
+            fused = fuse_value_rotations(model, signs=recipe.rotation.signs,
                                          seed=recipe.rotation.seed)
             report.online = dict(fused.online)
             report.fusion = dict(pairs=len(fused.pairs), probe_error=fused.probe_error, refused=fused.refused)
         linears, report.skipped = find_linears(model, recipe)
         if not linears:
-            raise ValueError(f"{type(model).__name__}: no linear layer to quantize (all matched skip={recipe.skip})")
+            raise ValueError(f"{type(model).__name__}: no linear layer to quantize (targets={list(recipe.targets)}, ignore={list(recipe.ignore)})")
         done: set[str] = set()
         if recipe.linears_need_calibration:  # pops the linears it replaces from `linears`
             done = _calibrate_layerwise(model, recipe, linears, windows, report, progress, keep_dense=keep_dense)

@@ -1,7 +1,7 @@
 """GPTQ (Frantar et al., 2022): quantize a weight column by column, spreading each column's rounding error over the
 columns not yet quantized through the inverse Hessian of the layer inputs, ``H = 2·XᵀX``.
 
-Format-agnostic: the element grid and the group scales come from a ``GroupQuantizer`` (see ``models/quantizers``),
+Format-agnostic: the element grid and the group scales come from a ``GroupQuantizer`` (see ``quantization/quantizers``),
 so the same routine serves INT, MXFP4 and NVFP4 weights. Groups run along the input dimension; with ``act_order``
 the columns are visited by decreasing Hessian diagonal while the group scales stay those of the contiguous groups of
 the original order (computed up front: "static groups"), so the packed layout is unchanged.

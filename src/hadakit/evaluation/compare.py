@@ -20,11 +20,11 @@ from typing import Any, Callable
 import torch
 
 from hadakit.devices import device_name
-from hadakit.models.data import TextWindows, calibration_windows
-from hadakit.models.checkpoint import checkpoint_tensors
-from hadakit.models.evaluate import generate_samples, perplexity
-from hadakit.models.pipeline import quantize_model
-from hadakit.models.recipes import QuantRecipe, get_recipe
+from hadakit.io.texts import TextWindows, calibration_windows
+from hadakit.io.checkpoint import checkpoint_tensors
+from hadakit.evaluation.metrics import generate_samples, perplexity
+from hadakit.quantization.pipeline import quantize_model
+from hadakit.quantization.recipes import QuantRecipe, get_recipe
 
 DEFAULT_PROMPTS = ("To be, or not to be,", "My lord, the king")
 
@@ -72,7 +72,7 @@ FULL_RECIPES = (
 )
 
 
-# `--ablation`: the calibrated options of models/calibrate switched on one at a time on the 4-bit goal recipes, then
+# `--ablation`: the calibrated options of quantization/calibrate switched on one at a time on the 4-bit goal recipes, then
 # together (each row's recipe says exactly what ran).
 _W4A4 = "w4a4:random:gptq"
 _ALL = "smooth=search,aclip=search,wclip"
@@ -382,8 +382,8 @@ def run_embedding_comparison(
     """For encoders (all-MiniLM-L6-v2, BERT): each recipe's mean cosine similarity of sentence embeddings to the
     unquantized model on ``n_sentences`` held-out sentences of ``text``; calibration windows (no BOS) come from
     ``calib_text``. Returns a JSON-ready dict with one row per recipe."""
-    from hadakit.models.data import sentences as held_out
-    from hadakit.models.evaluate import sentence_embeddings
+    from hadakit.io.texts import sentences as held_out
+    from hadakit.evaluation.metrics import sentence_embeddings
 
     if text == calib_text:
         raise ValueError(f"held-out text {text!r} is the calibration text; pick another play")

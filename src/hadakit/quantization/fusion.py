@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hadakit.models.kv_cache import _head_dim
-from hadakit.models.pipeline import _layer_seed
+from hadakit.quantization.structure import _layer_seed, head_dim as _head_dim
 from hadakit.transforms import HadamardRotation, HeadMixRotation
 
 FUSION_TOLERANCE = 1e-4  # relative L2 change of the model's output allowed by an exact fusion (fp32 rounding)
