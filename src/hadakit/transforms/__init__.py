@@ -12,6 +12,7 @@ from hadakit.transforms.functional import (
 from hadakit.transforms.matrices import base_order, construction, covered_orders, hadamard_matrix
 from hadakit.transforms.plan import TransformPlan, nearest_supported, supported
 from hadakit.transforms.rotations import HadamardRotation, HeadMixRotation, StructuredRotation
+from hadakit.transforms.sparse import sparse_wht
 
 __all__ = [
     "HadamardRotation",
@@ -28,6 +29,7 @@ __all__ = [
     "nearest_supported",
     "random_signs",
     "randomized_hadamard_transform",
+    "sparse_wht",
     "structured_rotation",
     "supported",
     "transform_plan",
