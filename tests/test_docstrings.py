@@ -14,6 +14,11 @@ MODULES = [
     "hadakit.training",
     "hadakit.analysis",
     "hadakit.analysis.stats",
+    "hadakit.selection",
+    "hadakit.transforms.spec",
+    "hadakit.transforms.sparse",
+    "hadakit.quantization",
+    "hadakit.io.synthetic",
 ]
 
 
