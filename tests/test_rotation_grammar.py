@@ -42,7 +42,7 @@ def test_quantize_and_inspect_build_the_same_matrix(name):
     assert torch.equal(q(eye), b(eye)) == (not name.startswith("random"))
 
 
-@pytest.mark.parametrize("bad, words", [("blocks-32", "valid rotations"), ("block-", "valid rotations"),
+@pytest.mark.parametrize("bad, words", [("blocks-32", "valid rotations"), ("block-", "whole number"),
                                         ("block-3x", "whole number"), ("random-block-0", "positive"),
                                         ("rand", "valid rotations")])
 def test_bad_names(bad, words):
@@ -57,3 +57,15 @@ def test_spec_validates():
         RotationSpec(32, "per_call")
     with pytest.raises(ValueError, match="positive"):
         RotationSpec(0)
+
+
+@pytest.mark.parametrize("name, rotation, signs", [("hadamard", "full", "none"), ("random", "full", "fixed"),
+                                                   ("block-32", 32, "none"), ("random-block-64", 64, "fixed")])
+def test_training_products_read_the_same_names(name, rotation, signs):
+    from hadakit.training import ProductConfig
+
+    prod = ProductConfig("int4", "int4", rotation=name)
+    assert (prod.rotation, prod.signs) == (rotation, signs)
+    assert prod == ProductConfig("int4", "int4", rotation=rotation, signs=signs)
+    with pytest.raises(ValueError, match="valid rotations"):
+        ProductConfig("int4", "int4", rotation="blocks-32")

@@ -101,7 +101,7 @@ def test_get_training_recipe_changes():
     (lambda: OperandConfig("mxfp4", reuse_forward=True), ValueError, "takes no scheme"),
     (lambda: OperandConfig("mxfp4", stochastic_rounding=1), TypeError, "True or False"),
     (lambda: ProductConfig(rotation=50), ValueError, "nearest supported block sizes: 48, 52"),
-    (lambda: ProductConfig(rotation="hadamard"), ValueError, "'full' or a block size"),
+    (lambda: ProductConfig(rotation="hadamrd"), ValueError, "'full' or a block size"),
     (lambda: ProductConfig(signs="fixed"), ValueError, "rotation is None"),
     (lambda: ProductConfig(rotation=32, signs="random"), ValueError, "signs must be one of"),
     (lambda: ProductConfig(a=3), TypeError, "ProductConfig.a"),
@@ -472,7 +472,7 @@ def test_convert_swaps_and_reports(capsys):
     assert [r[0] for r in report.swapped] == ["mlp.0", "mlp.2"]
     assert report.swapped[0] == ("mlp.0", 32, 64, True)
     skipped = dict(report.skipped)
-    assert "subclass" in skipped["attn.out_proj"] and "skip pattern 'lm_head'" in skipped["lm_head"]
+    assert "subclass" in skipped["attn.out_proj"] and "ignore pattern 'lm_head'" in skipped["lm_head"]
     assert "swapped  mlp.0" in printed and "skipped  lm_head" in printed
     assert isinstance(model.mlp[0], QuantLinear) and type(model.lm_head) is nn.Linear
     assert model.lm_head.weight is model.emb.weight
@@ -494,10 +494,26 @@ def test_convert_skip_globs_and_errors(capsys):
     assert "matched no nn.Linear" in capsys.readouterr().out
     with pytest.raises(TypeError, match="from_linear"):
         convert(nn.Linear(4, 4), "mxfp4")
-    with pytest.raises(TypeError, match="skip must be"):
+    with pytest.raises(TypeError, match="ignore must be"):
         convert(model, "mxfp4", skip=[3])
+    with pytest.raises(TypeError, match="not both"):
+        convert(model, "mxfp4", ["0"], skip=["1.*"])
     with pytest.raises(ValueError, match="unknown training recipe"):
         convert(model, "fp3")
+
+
+def test_convert_targets_share_the_recipe_rule():
+    """convert selects with the rule of quantization recipes and inspect (hadakit.selection)."""
+    from hadakit.analysis import find_linear_layers
+
+    def fresh():
+        return nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
+
+    for targets, ignore, want in [(["re:1\\."], [], ["1.0", "1.1"]), (["Linear"], ["1.1"], ["0", "1.0"]),
+                                  ([], ["re:1"], ["0"]), (["nothing"], [], [])]:
+        rep = convert(fresh(), "int8_hadamard", ignore, targets=targets, verbose=False)
+        assert [r[0] for r in rep.swapped] == want
+        assert sorted(find_linear_layers(fresh(), targets=targets, ignore=ignore)) == want
 
 
 @pytest.mark.parametrize("name", ["hadakit.training", "hadakit.training.layers"])

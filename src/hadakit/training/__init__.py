@@ -15,10 +15,13 @@ Model-agnostic: this package never imports ``hadakit.models``. See docs/training
 """
 
 from .functional import fake_quantize_operand, lowp_matmul, quant_linear, quantized_product
+from .hadamard_conv import HadamardConv2d
+from .int4 import int4_xi_linear
 from .layers import ConvertReport, QuantLinear, convert
 from .recipe import (
     BACKENDS,
     SIGN_MODES,
+    Int4XiRecipe,
     OperandConfig,
     ProductConfig,
     TrainingRecipe,
@@ -29,6 +32,8 @@ from .recipe import (
 __all__ = [
     "BACKENDS",
     "ConvertReport",
+    "HadamardConv2d",
+    "Int4XiRecipe",
     "OperandConfig",
     "ProductConfig",
     "QuantLinear",
@@ -37,6 +42,7 @@ __all__ = [
     "convert",
     "fake_quantize_operand",
     "get_training_recipe",
+    "int4_xi_linear",
     "list_training_recipes",
     "lowp_matmul",
     "quant_linear",

@@ -38,7 +38,7 @@ from hadakit.formats.elements import FloatFormat, IntFormat
 from hadakit.formats.rounding import uniform_noise
 from hadakit.transforms import hadamard_transform, inverse_hadamard_transform, random_signs, supported
 
-from .recipe import OperandConfig, ProductConfig, TrainingRecipe, get_training_recipe
+from .recipe import Int4XiRecipe, OperandConfig, ProductConfig, TrainingRecipe, get_training_recipe
 
 __all__ = ["quant_linear", "quantized_product"]
 
@@ -346,6 +346,10 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """
     if not isinstance(recipe, TrainingRecipe):
         recipe = get_training_recipe(recipe)
+    if isinstance(recipe, Int4XiRecipe):  # bit splitting and leverage-score sampling: its own autograd function
+        from .int4 import int4_xi_linear
+
+        return int4_xi_linear(x, weight, bias, recipe)
     if x.dim() == 0 or x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"quant_linear: x of shape {tuple(x.shape)} does not fit weight {tuple(weight.shape)}: "
                          f"the last dim of x must be in_features = {weight.shape[-1]}")

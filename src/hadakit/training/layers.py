@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .functional import quant_linear
+from hadakit.selection import check_patterns, matching_pattern
+
 from .recipe import TrainingRecipe, get_training_recipe
 
 __all__ = ["ConvertReport", "QuantLinear", "convert"]
@@ -79,30 +80,35 @@ class ConvertReport:
                 "skipped": [dict(name=n, reason=r) for n, r in self.skipped]}
 
 
-def _skip_pattern(name: str, patterns) -> str | None:
-    for p in patterns:
-        if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p):
-            return p
-    return None
+def convert(model: nn.Module, recipe: TrainingRecipe | str | dict, ignore=(), *, targets=(), skip=None,
+            verbose: bool = True) -> ConvertReport:
+    """Replace, in place, every ``nn.Linear`` of ``model`` selected by ``targets`` / ``ignore`` by a
+    :class:`QuantLinear` with ``recipe`` (sharing its parameters).
 
-
-def convert(model: nn.Module, recipe: TrainingRecipe | str | dict, skip=(), verbose: bool = True) -> ConvertReport:
-    """Replace, in place, every ``nn.Linear`` of ``model`` by a :class:`QuantLinear` with ``recipe`` (sharing its
-    parameters), except the ones whose qualified name matches a pattern of ``skip``.
-
-    ``skip``: glob patterns (``fnmatch``) matched against the qualified module name and its dotted suffixes:
-    ``"lm_head"`` skips ``lm_head`` and ``model.lm_head``; ``"blocks.0.*"``, ``"*attn*"`` work as globs. Subclasses of
+    ``targets`` / ``ignore``: name patterns with the rule of :mod:`hadakit.selection`, the same rule a
+    quantization recipe's ``targets`` / ``ignore`` and ``inspect`` use: a plain name matches as a substring
+    (``"lm_head"`` skips ``lm_head`` and ``model.lm_head``), a glob matches the name or a dotted suffix
+    (``"blocks.0.*"``, ``"*attn*"``), ``re:REGEX`` matches from the start, a class name matches its modules;
+    ``targets`` empty means every linear. ``skip`` is the older name of ``ignore``. Subclasses of
     ``nn.Linear`` (e.g. ``MultiheadAttention.out_proj``, whose weight is used without calling the module) and layers
     that already are QuantLinear are reported as skipped. Returns a :class:`ConvertReport`, printed when
     ``verbose``. A model that is itself an ``nn.Linear`` cannot be replaced in place: use
     ``QuantLinear.from_linear``.
     """
     recipe = get_training_recipe(recipe)
-    if isinstance(skip, str):
-        skip = (skip,)
-    skip = tuple(skip)
-    if not all(isinstance(p, str) for p in skip):
-        raise TypeError(f"convert: skip must be a sequence of name patterns (str), got {skip!r}")
+    if skip is not None:
+        if ignore:
+            raise TypeError("convert: pass the patterns as ignore= (skip= is its older name), not both")
+        ignore = skip
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+    if isinstance(targets, str):
+        targets = (targets,)
+    try:
+        ignore = check_patterns(ignore, "convert: ignore")
+        targets = check_patterns(targets, "convert: targets")
+    except TypeError as e:
+        raise TypeError(str(e)) from None
     if type(model) is nn.Linear or isinstance(model, QuantLinear):
         raise TypeError("convert: the model is itself a linear layer; use QuantLinear.from_linear(model, recipe)")
     report = ConvertReport(recipe.name or "(custom)")
@@ -115,17 +121,20 @@ def convert(model: nn.Module, recipe: TrainingRecipe | str | dict, skip=(), verb
         if type(module) is not nn.Linear:
             report.skipped.append((name, f"{type(module).__name__} is a subclass of nn.Linear"))
             continue
-        pat = _skip_pattern(name, skip)
+        pat = matching_pattern(name, type(module).__name__, ignore)
         if pat is not None:
-            report.skipped.append((name, f"matches skip pattern {pat!r}"))
+            report.skipped.append((name, f"matches ignore pattern {pat!r}"))
+            continue
+        if targets and matching_pattern(name, type(module).__name__, targets) is None:
+            report.skipped.append((name, "matches no target pattern"))
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, QuantLinear.from_linear(module, recipe))
         report.swapped.append((name, module.in_features, module.out_features, module.bias is not None))
-    unused = [p for p in skip if not any(r[1] == f"matches skip pattern {p!r}" for r in report.skipped)]
+    unused = [p for p in ignore if not any(r[1] == f"matches ignore pattern {p!r}" for r in report.skipped)]
     if unused and verbose:
-        print(f"convert: note: skip pattern(s) {unused} matched no nn.Linear")
+        print(f"convert: note: ignore pattern(s) {unused} matched no nn.Linear")
     if verbose:
         print(report)
     return report

@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 
 from hadakit.formats import QuantScheme, get_scheme
 from hadakit.transforms import nearest_supported, supported
+from hadakit.transforms.spec import parse_rotation
 
 __all__ = [
     "BACKENDS",
+    "Int4XiRecipe",
     "OperandConfig",
     "ProductConfig",
     "SIGN_MODES",
@@ -190,7 +192,9 @@ class ProductConfig:
             module docstring for which tensor is ``a`` and ``b`` in each product.
         rotation: ``None`` / ``"none"``; ``"full"`` (one Hadamard transform over the whole inner dim, padded with
             zeros to a supported size when needed); or a block size (``16``, ``32``, ``64``, ...: block-diagonal
-            Hadamard). Applied to both operands along the inner dim.
+            Hadamard). Applied to both operands along the inner dim. A name of the rotation grammar that quantize
+            recipes use (:mod:`hadakit.transforms.spec`: ``hadamard``, ``random``, ``block-32``,
+            ``random-block-32``) is accepted too and stored in this form (``random…`` sets ``signs="fixed"``).
         signs: random ±1 diagonal ``D`` of the rotation ``R = H·D``: ``"none"``; ``"fixed"``
             (``hadakit.random_signs(n, seed)``, the same every step); ``"per_step"`` (new signs drawn from torch's
             global RNG each time the product runs, i.e. every step).
@@ -207,6 +211,19 @@ class ProductConfig:
         object.__setattr__(self, "a", _operand(self.a, "ProductConfig.a"))
         object.__setattr__(self, "b", _operand(self.b, "ProductConfig.b"))
         rot = self.rotation
+        if isinstance(rot, str) and rot not in ("none", "full"):
+            # a name of hadakit's one rotation grammar (hadakit.transforms.spec), as quantize recipes write it
+            try:
+                spec = parse_rotation(rot)
+            except ValueError as e:
+                raise ValueError(f"ProductConfig.rotation must be None, 'none', 'full' or a block size (int), or a "
+                                 f"rotation name: {e}") from None
+            rot = "full" if spec.block_size is None else spec.block_size
+            if spec.signs == "fixed":
+                if self.signs not in ("none", "fixed"):
+                    raise ValueError(f"ProductConfig: rotation {self.rotation!r} means fixed random signs, but "
+                                     f"signs={self.signs!r}: name the rotation without 'random' to use those signs")
+                object.__setattr__(self, "signs", "fixed")
         if rot in (None, "none", 0):
             rot = None
         elif rot == "full":
@@ -353,6 +370,117 @@ class TrainingRecipe:
     def from_dict(cls, d: dict) -> "TrainingRecipe":
         if not isinstance(d, dict):
             raise TypeError(f"TrainingRecipe.from_dict expects a dict, got {type(d).__name__}")
+        if d.get("kind") == Int4XiRecipe.KIND and cls is TrainingRecipe:
+            return Int4XiRecipe.from_dict(d)
+        _unknown_keys(d, cls)
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# INT4 training of Xi et al. (its own autograd function, hadakit.training.int4)
+# ------------------------------------------------------------------------------------------------------------------
+
+# INT4 with the symmetric range [-7, 7] and one fp32 amax scale per row (amax / 7): nothing clips, so stochastic
+# rounding with it is unbiased.
+INT4_ROW = "int4_restricted"
+
+
+def _int4_xi_products(block_size: int) -> dict[str, ProductConfig]:
+    """The product configs an :class:`Int4XiRecipe` carries. ``forward`` is exactly the Hadamard quantizer; the
+    backward entries are what the generic ``quant_linear`` path would run (INT4 stochastic rounding of ``dy`` on the
+    forward's quantized operands), since bit splitting and leverage-score sampling are not ProductConfig options."""
+    O, P = OperandConfig, ProductConfig
+    sr = O(INT4_ROW, stochastic_rounding=True)
+    reuse = O(reuse_forward=True)
+    return {"forward": P(O(INT4_ROW), O(INT4_ROW), rotation=block_size), "grad_input": P(sr, reuse),
+            "grad_weight": P(sr, reuse)}
+
+
+@dataclass(frozen=True)
+class Int4XiRecipe(TrainingRecipe):
+    """INT4 training of Xi, Li, Chen & Zhu, "Training Transformers with 4-bit Integers" (NeurIPS 2023,
+    arXiv 2306.11987), run by :class:`~hadakit.training.QuantLinear` with the autograd function of
+    :mod:`hadakit.training.int4` (see there for the exact estimators).
+
+    * forward: Hadamard quantizer (HQ): block-``block_size`` Hadamard transform of ``x`` and ``W`` along
+      ``in_features``, then INT4 per token (``x``) / per output channel (``W``);
+    * output gradient ``dy``: bit splitting (BS) into two INT4 matrices, a nearest-rounded high part and a
+      stochastically rounded low part of the residual (unbiased, ~8 bits of precision in 2 × 4-bit codes);
+    * weight gradient: leverage-score sampling (LSS) over the 2·T rows of the split ``dy`` (and the forward's INT4
+      ``x``): row ``i`` kept with probability ``p_i ∝ ‖dy_i‖·‖x_i‖`` (capped at 1, ``Σ p_i = keep_fraction·2T``)
+      and scaled by ``1 / p_i`` (unbiased); with ``keep_fraction=0.5`` the product costs one INT4 GEMM over T rows;
+    * input gradient: BS (both INT4 parts against the forward's INT4 ``W``), with LSS over the split rows too
+      when ``lss_grad_input`` (``p_i ∝ ‖dy_i‖``).
+
+    Args:
+        block_size: the Hadamard block of HQ (a supported Hadamard order; ``in_features`` is zero-padded to a
+            multiple of it).
+        keep_fraction: expected fraction of the ``2T`` split rows LSS keeps, in ``(0, 1]`` (1: no sampling).
+        lss_grad_weight, lss_grad_input: apply LSS to the weight / input gradient.
+
+    The ``forward`` / ``grad_input`` / ``grad_weight`` fields are derived from these (do not pass them):
+    ``forward`` is the HQ product; the backward fields only describe the operand formats (plain INT4 stochastic
+    rounding of ``dy``): :func:`~hadakit.training.quant_linear` (so ``QuantLinear``) sends this recipe to
+    :func:`hadakit.training.int4.int4_xi_linear`, which runs the real estimators.
+    """
+
+    KIND = "int4_xi"
+    block_size: int = 32
+    keep_fraction: float = 0.5
+    lss_grad_weight: bool = True
+    lss_grad_input: bool = False
+
+    def __post_init__(self):
+        b = self.block_size
+        if isinstance(b, bool) or not isinstance(b, int) or b < 2:
+            raise ValueError(f"Int4XiRecipe.block_size must be an int >= 2 (a Hadamard order, e.g. 32), got {b!r}")
+        if not supported(b):
+            below, above = nearest_supported(b)
+            raise ValueError(f"Int4XiRecipe.block_size: no Hadamard matrix of order {b}; nearest supported: "
+                             f"{below}, {above}")
+        k = self.keep_fraction
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not (0.0 < float(k) <= 1.0):
+            raise ValueError(f"Int4XiRecipe.keep_fraction must be a number in (0, 1] (0.5: the paper's cost of one "
+                             f"INT4 GEMM; 1: no sampling), got {k!r}")
+        object.__setattr__(self, "keep_fraction", float(k))
+        _check_bool(self.lss_grad_weight, "Int4XiRecipe.lss_grad_weight")
+        _check_bool(self.lss_grad_input, "Int4XiRecipe.lss_grad_input")
+        derived = _int4_xi_products(b)
+        for p in PRODUCTS:
+            given = _product(getattr(self, p), f"Int4XiRecipe.{p}")
+            if given != derived[p] and given != ProductConfig():
+                raise ValueError(f"Int4XiRecipe.{p} is derived from block_size; do not pass it (use "
+                                 f"TrainingRecipe for custom products)")
+            object.__setattr__(self, p, derived[p])
+        super().__post_init__()
+
+    def describe(self) -> str:
+        lines = [f"recipe {self.name or '(custom)'} (Xi et al. 2023 INT4; own autograd function)"]
+        if self.description:
+            lines.append(f"  {self.description}")
+        lines.append(f"  forward     HQ: block-{self.block_size} Hadamard along in_features; x INT4 per token, "
+                     f"W INT4 per output channel ([-7, 7], amax scales)")
+        lss = f"LSS over the 2T split rows (keep {self.keep_fraction:g}, p ~ |dy_i|"
+        lines.append("  grad_input  dy: bit split (INT4 nearest + INT4 SR residual)"
+                     + (f", {lss})" if self.lss_grad_input else "") + "; W: forward's INT4 operand")
+        lines.append("  grad_weight dy: bit split" + (f", {lss}·|x_i|)" if self.lss_grad_weight else "")
+                     + "; x: forward's INT4 operand")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d.update(kind=self.KIND, block_size=self.block_size, keep_fraction=self.keep_fraction,
+                 lss_grad_weight=self.lss_grad_weight, lss_grad_input=self.lss_grad_input)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Int4XiRecipe":
+        if not isinstance(d, dict):
+            raise TypeError(f"Int4XiRecipe.from_dict expects a dict, got {type(d).__name__}")
+        d = dict(d)
+        kind = d.pop("kind", cls.KIND)
+        if kind != cls.KIND:
+            raise ValueError(f"Int4XiRecipe.from_dict: kind must be {cls.KIND!r}, got {kind!r}")
         _unknown_keys(d, cls)
         return cls(**d)
 
@@ -376,6 +504,7 @@ def _build_recipes() -> dict[str, TrainingRecipe]:
     nv_sr = O("nvfp4", stochastic_rounding=True)
     i8 = O("int8")
     reuse = O(reuse_forward=True)
+    i4t = O(QuantScheme(element="int4", granularity="per_tensor", scale_format="fp32", name="int4_per_tensor"))
     recipes = [
         R(name="bf16", description="reference: no quantization; every product runs in the input dtype "
                                    "(nn.Linear exactly)"),
@@ -402,6 +531,14 @@ def _build_recipes() -> dict[str, TrainingRecipe]:
         R(P("int4", "ternary", rotation="full"), P(hp, reuse), P(hp, reuse), name="bitnet_v2",
           description="BitNet v2 H-BitLinear: Hadamard along in_features, ternary weights, INT4 absmax "
                       "activations (per token); gradients in high precision (STE)"),
+        # Added with hadakit.training.int4 (issue #23 item 3).
+        Int4XiRecipe(name="int4_xi",
+                     description="Xi et al. 2023 INT4 training: Hadamard quantizer forward (block-32 HT, INT4 per "
+                                 "token / channel), bit-split output gradient, leverage-score sampled weight "
+                                 "gradient"),
+        R(P(i4t, i4t), P(i4t, i4t), P(i4t, i4t), name="int4_naive",
+          description="negative control: INT4 with one per-tensor amax scale in all three products, nearest "
+                      "rounding, no rotation"),
     ]
     return {r.name: r for r in recipes}
 

@@ -63,7 +63,7 @@ def parse_rotation(text: str) -> RotationSpec | None:
         return None
     if name in ("hadamard", "random"):
         return RotationSpec(None, "fixed" if name == "random" else "none")
-    m = re.fullmatch(r"(random-)?block-(\S+)", name)
+    m = re.fullmatch(r"(random-)?block-(\S*)", name)
     if m:
         try:
             block = int(m.group(2))
