@@ -30,6 +30,8 @@ from .elements import (
     list_formats,
 )
 from .fused import dequantize_rotate, rotate_quantize, rotated_amax
+from .lattice import E8OneBitCodebook, E8P12Codebook, RVQCodebook, pack_e8p_codes, unpack_e8p_codes
+from .lattice import bits_per_weight as e8p_bits_per_weight
 from .packing import pack_codes, packed_nbytes, unpack_codes
 from .quantize import GroupScales, compute_scales, dequantize, fake_quantize, quantize, quantize_with_scales
 from .rounding import ROUNDING_MODES
@@ -39,6 +41,8 @@ from .tensor import QuantizedTensor, load_quantized, save_quantized
 __all__ = [
     "BinaryFormat",
     "DEFAULT_CLIP_GRID",
+    "E8OneBitCodebook",
+    "E8P12Codebook",
     "E8M0Format",
     "FloatFormat",
     "GroupScales",
@@ -46,12 +50,14 @@ __all__ = [
     "IntFormat",
     "QuantScheme",
     "QuantizedTensor",
+    "RVQCodebook",
     "ROUNDING_MODES",
     "SCALE_RULES",
     "TernaryFormat",
     "compute_scales",
     "dequantize",
     "dequantize_rotate",
+    "e8p_bits_per_weight",
     "fake_quantize",
     "get_format",
     "get_scheme",
@@ -59,6 +65,7 @@ __all__ = [
     "list_schemes",
     "load_quantized",
     "pack_codes",
+    "pack_e8p_codes",
     "packed_nbytes",
     "quantize",
     "quantize_with_scales",
@@ -66,4 +73,5 @@ __all__ = [
     "rotated_amax",
     "save_quantized",
     "unpack_codes",
+    "unpack_e8p_codes",
 ]
