@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hadakit.devices import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -60,18 +62,8 @@ def _load_kernels():
         return mods[1], mods[0]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
-
-
 def cpu_details() -> dict:
-    info = {"model": cpu_model(), "logical_cpus": os.cpu_count()}
+    info = {"model": cpu_name(), "logical_cpus": os.cpu_count()}
     try:
         txt = Path("/proc/cpuinfo").read_text()
         for key in ("cpu family", "model", "stepping", "cache size"):
@@ -187,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     cf, th = _load_kernels()
     fht_cpu = _optional("fht_cpu")
     ffht = _optional("ffht")
-    model = cpu_model()
+    model = cpu_name()
     suffix = "" if threads != 1 else ("-1thread-cputime" if args.clock == "thread" else "-1thread")
     out = args.out or ROOT / "benchmarks" / "results" / f"cpu-peers-{slug(model)}{suffix}.json"
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import sys
 import time
 
 import torch
 
+from hadakit.devices import cpu_name
 from hadakit.formats.lattice import E8P12Codebook, pack_e8p_codes
 from hadakit.quantization.ldlq import (
     Incoherence,
@@ -31,14 +31,6 @@ from hadakit.quantization.ldlq import (
 )
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def lear_text() -> str:

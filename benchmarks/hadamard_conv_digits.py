@@ -44,16 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hadakit.training import HadamardConv2d
+from hadakit.devices import cpu_name
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def load_data():
@@ -173,7 +166,7 @@ def main(argv=None) -> int:
         print(json.dumps(summary, indent=1))
         return 0
     gap = summary["hadamard"]["mean"] - summary["cnn"]["mean"]
-    cpu = _cpu_model()
+    cpu = cpu_name()
     cmd = "OMP_NUM_THREADS=1 python benchmarks/hadamard_conv_digits.py " + " ".join(argv or sys.argv[1:])
     result = {"device": f"cpu ({cpu})", "torch": torch.__version__, "threads": args.threads, "command": cmd,
               "seeds": seeds, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,

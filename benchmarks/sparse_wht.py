@@ -32,16 +32,9 @@ import numpy as np
 import torch
 
 from hadakit.transforms import hadamard_transform, inverse_hadamard_transform, sparse_wht
+from hadakit.devices import cpu_name
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def synthesize(n: int, k: int, snr_db: float, seed: int):
@@ -143,7 +136,7 @@ def main() -> None:
     load1 = os.getloadavg()
 
     meta = dict(
-        device=cpu_model(), cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        device=cpu_name(), cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
         omp_num_threads=os.environ.get("OMP_NUM_THREADS"), loadavg_before=load0, loadavg_after=load1,
         torch=torch.__version__, numpy=np.__version__, python=platform.python_version(),
         n=n, N=big, snr_db=args.snr_db,

@@ -22,18 +22,11 @@ import torch
 
 from hadakit.devices import device_name, resolve_device, slug
 from hadakit.training.demo import run_demo
+from hadakit.devices import cpu_name
 
 RECIPES = ("bf16", "int4_xi", "int4_naive")
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def _ema(v, beta=0.9):
@@ -74,7 +67,7 @@ def main(argv=None) -> int:
                       "mean_gap_to_bf16_percent": statistics.fmean(gaps) if gaps else None,
                       "seconds_per_step": statistics.fmean(runs[s]["recipes"][r]["seconds_per_step"] for s in seeds)}
     dname = device_name(dev)
-    cpu = _cpu_model()
+    cpu = cpu_name()
     cfg = runs[seeds[0]]["config"]
     result = {"device": dname, "cpu_model": cpu, "torch": torch.__version__, "threads": args.threads,
               "seeds": seeds, "steps": args.steps, "config": {k: v for k, v in cfg.items() if k != "seed"},

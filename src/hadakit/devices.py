@@ -9,21 +9,24 @@ from pathlib import Path
 import torch
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows of it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def device_name(device: torch.device | str) -> str:
     """``'NVIDIA H100 80GB HBM3'`` or ``'CPU AMD EPYC ... (2 threads)'``."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     n = torch.get_num_threads()
-    return f"CPU {cpu} ({n} thread{'s' if n != 1 else ''})"
+    return f"CPU {cpu_name()} ({n} thread{'s' if n != 1 else ''})"
 
 
 def slug(name: str) -> str:
