@@ -5,11 +5,22 @@ A Hadamard matrix of order ``n`` has entries ±1 and satisfies ``H @ H.T == n * 
 * **Sylvester** doubling: ``H_1 = [1]``, ``H_2n = [[H, H], [H, -H]]``, so ``H_{2^k}[i, j] = (-1)^popcount(i & j)``;
 * **Paley I**: order ``q + 1`` for a prime power ``q ≡ 3 (mod 4)``;
 * **Paley II**: order ``2(q + 1)`` for a prime power ``q ≡ 1 (mod 4)``;
-* **data files** in ``data/``: order 172 from four Goethals–Seidel sequences found by ``tools/search_order_172.py``;
+* **data files** in ``data/``: four Goethals–Seidel sequences of length ``t`` each, giving order ``4t``: 172
+  (found by ``tools/search_order_172.py``), and the orders of issue #22: 92, 116, 156, 188 (seeded tabu search,
+  ``tools/hadamard_gs_search.py``), 260, 324, 404 (T-sequences from Golay pairs) and 476, 532, 612, 756, 836, 988,
+  1012 (Williamson matrices × T-sequences), written by ``tools/hadamard_algebraic.py``;
 * **Kronecker products** ``H_a ⊗ H_b`` of constructible orders.
 
+**New base orders never replace an existing construction.**  The orders constructible before issue #22 (the
+*legacy* orders: 201 of them up to 1024) keep exactly their old matrix and old ``base_order``: they are resolved
+first with the legacy rules alone (Sylvester, Paley I/II, the 172 data file, Kronecker products of legacy
+orders).  Only an order that the legacy rules cannot reach is resolved with the new data files (and Kronecker
+products that may use them).  So ``base_order(368)`` stays 368 (Paley I, q = 367) although 368 = 92·4 and 92 is
+now constructible, and ``base_order`` is "the smallest constructible m" among the legacy orders for a legacy
+``n``, and among all orders for a new ``n``.  tests/data/hadamard_hashes.json pins the legacy matrices.
+
 Every constructible ``n`` is written ``n = m · 2^k`` with ``m = base_order(n)`` the smallest constructible order
-that leaves a power of two, and
+that leaves a power of two (subject to the legacy rule above), and
 
     hadamard_matrix(n) == kron(hadamard_matrix(m), sylvester(2^k))          (exactly)
 
@@ -37,6 +48,7 @@ import torch
 
 __all__ = [
     "GaloisField",
+    "HadamardDataError",
     "base_order",
     "construction",
     "covered_orders",
@@ -47,7 +59,34 @@ __all__ = [
 
 _DATA_DIR = Path(__file__).with_name("data")
 # Base orders read from data files: order -> (file name, description).  See tools/search_order_172.py.
-_DATA_FILES = {172: ("goethals_seidel_172.txt", "goethals-seidel(43) [data file]")}
+# _LEGACY_DATA are the data files that existed before issue #22; their orders resolve with the legacy rules.
+_LEGACY_DATA = {172: ("goethals_seidel_172.txt", "goethals-seidel(43) [data file]")}
+# Orders added for issue #22 (tools/hadamard_gs_search.py, tools/hadamard_algebraic.py); used only for orders the
+# legacy rules cannot reach.
+_NEW_DATA = {
+    92: ("goethals_seidel_92.txt", "goethals-seidel(23) [data file: tabu search]"),
+    116: ("goethals_seidel_116.txt", "goethals-seidel(29) [data file: tabu search]"),
+    156: ("goethals_seidel_156.txt", "goethals-seidel(39) [data file: tabu search]"),
+    188: ("goethals_seidel_188.txt", "goethals-seidel(47) [data file: tabu search]"),
+    260: ("goethals_seidel_260.txt", "goethals-seidel(65) [data file: T-sequences from base sequences BS(33, 32) on Golay(32)]"),
+    324: ("goethals_seidel_324.txt", "goethals-seidel(81) [data file: T-sequences from base sequences BS(41, 40) on Golay(40)]"),
+    404: ("goethals_seidel_404.txt", "goethals-seidel(101) [data file: T-sequences from Golay(100) and Golay(1)]"),
+    476: ("goethals_seidel_476.txt", "goethals-seidel(119) [data file: Williamson(7) × T-sequences(17)]"),
+    612: ("goethals_seidel_612.txt", "goethals-seidel(153) [data file: Williamson(9) × T-sequences(17)]"),
+    532: ("goethals_seidel_532.txt", "goethals-seidel(133) [data file: Williamson(19) × T-sequences(7)]"),
+    756: ("goethals_seidel_756.txt", "goethals-seidel(189) [data file: Williamson(27) × T-sequences(7)]"),
+    836: ("goethals_seidel_836.txt", "goethals-seidel(209) [data file: Williamson(19) × T-sequences(11)]"),
+    988: ("goethals_seidel_988.txt", "goethals-seidel(247) [data file: Williamson(19) × T-sequences(13)]"),
+    1012: ("goethals_seidel_1012.txt", "goethals-seidel(253) [data file: Williamson(23) × T-sequences(11)]"),
+}
+_DATA_FILES = {**_LEGACY_DATA, **_NEW_DATA}
+
+
+class HadamardDataError(RuntimeError):
+    """A Hadamard data file in ``hadakit/transforms/data`` is malformed or does not give a Hadamard matrix.
+
+    The message names the file.  Reinstall hadakit (or restore the file from the repository) to fix it.
+    """
 
 # Paley matrices are filled in row blocks of about this many entries, to bound temporaries for large q.
 _BLOCK_ENTRIES = 1 << 22
@@ -177,8 +216,36 @@ def _recipe(m: int) -> tuple | None:
     """The canonical construction of order ``m`` as a base order (without a Sylvester factor on top), or None.
 
     ``("sylvester", m)`` for powers of two, ``("paley1", q)``, ``("paley2", q)``, ``("data", m)`` or
-    ``("kron", a, b)``.  Only cheap arithmetic: no matrix is built.
+    ``("kron", a, b)``.  Only cheap arithmetic: no matrix is built.  Legacy rules first (see the module
+    docstring): a new order never replaces an existing construction.
     """
+    legacy = _legacy_recipe(m)
+    if legacy is not None or _legacy_base_order(m) is not None:
+        return legacy
+    if m in _NEW_DATA:
+        return ("data", m)
+    for a in range(12, math.isqrt(m) + 1, 4):
+        b, rest = divmod(m, a)
+        if rest == 0 and b % 4 == 0 and not _is_power_of_two(a) and not _is_power_of_two(b):
+            if base_order(a) is not None and base_order(b) is not None:
+                return ("kron", a, b)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _legacy_base_order(n: int) -> int | None:
+    """``base_order`` as it was before issue #22 (legacy rules only)."""
+    m = n // (n & -n)
+    while m <= n:
+        if _legacy_recipe(m) is not None:
+            return m
+        m *= 2
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _legacy_recipe(m: int) -> tuple | None:
+    """The construction of ``m`` by the rules that existed before issue #22 (unchanged, so legacy matrices are)."""
     if _is_power_of_two(m):
         return ("sylvester", m)
     if m % 4:
@@ -187,13 +254,13 @@ def _recipe(m: int) -> tuple | None:
         return ("paley1", m - 1)
     if (m // 2 - 1) % 4 == 1 and _prime_power(m // 2 - 1):
         return ("paley2", m // 2 - 1)
-    if m in _DATA_FILES:
+    if m in _LEGACY_DATA:
         return ("data", m)
     # Both factors are multiples of 4 (Hadamard orders > 2) and not powers of two; smallest factor first.
     for a in range(12, math.isqrt(m) + 1, 4):
         b, rest = divmod(m, a)
         if rest == 0 and b % 4 == 0 and not _is_power_of_two(a) and not _is_power_of_two(b):
-            if base_order(a) is not None and base_order(b) is not None:
+            if _legacy_base_order(a) is not None and _legacy_base_order(b) is not None:
                 return ("kron", a, b)
     return None
 
@@ -221,6 +288,9 @@ def base_order(n: int) -> int | None:
     n = _integer(n, "base_order")
     if n < 1:
         return None
+    legacy = _legacy_base_order(n)
+    if legacy is not None:  # orders constructible before issue #22 keep their base order
+        return legacy
     m = n // (n & -n)  # odd part; then try m, 2m, 4m, ... (smallest first)
     while m <= n:
         if _recipe(m) is not None:
@@ -341,24 +411,43 @@ def _goethals_seidel(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray)
     n = len(a)
     index = (np.arange(n)[None, :] - np.arange(n)[:, None]) % n  # circulant: X[i, j] = x[(j - i) mod n]
     A, B, C, D = (np.asarray(x, dtype=np.int8)[index] for x in (a, b, c, d))
-    R = np.eye(n, dtype=np.int8)[::-1]
+
+    def r(x: np.ndarray) -> np.ndarray:  # x @ R with R the back-diagonal permutation: reverse the columns
+        return x[:, ::-1]
+
     return np.block([
-        [A, B @ R, C @ R, D @ R],
-        [-B @ R, A, D.T @ R, -C.T @ R],
-        [-C @ R, -D.T @ R, A, B.T @ R],
-        [-D @ R, C.T @ R, -B.T @ R, A],
+        [A, r(B), r(C), r(D)],
+        [-r(B), A, r(D.T), -r(C.T)],
+        [-r(C), -r(D.T), A, r(B.T)],
+        [-r(D), r(C.T), -r(B.T), A],
     ])
 
 
-def _from_data_file(m: int) -> np.ndarray:
-    path = _DATA_DIR / _DATA_FILES[m][0]
-    lines = [s.strip() for s in path.read_text().splitlines() if s.strip() and not s.lstrip().startswith("#")]
+def _from_data_file(m: int, path: Path | str | None = None) -> np.ndarray:
+    """The Goethals–Seidel matrix of order ``m`` from its data file (or from ``path``, e.g. a copy to test).
+
+    Verified in integers on every load (the caller caches the result): four lines of ``m // 4`` signs, the summed
+    periodic autocorrelation of the four sequences is ``(m, 0, ..., 0)`` in int64, and ``H Hᵀ == m I`` exactly.  Raises :class:`HadamardDataError` naming the file otherwise.
+    """
+    path = Path(path) if path is not None else _DATA_DIR / _DATA_FILES[m][0]
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise HadamardDataError(f"corrupt Hadamard data file {path}: cannot read it ({err})") from err
+    lines = [s.strip() for s in text.splitlines() if s.strip() and not s.lstrip().startswith("#")]
     if len(lines) != 4 or any(len(s) != m // 4 or set(s) - {"+", "-"} for s in lines):
-        raise RuntimeError(f"corrupt Hadamard data file {path}: expected 4 lines of {m // 4} '+'/'-' characters")
-    h = _goethals_seidel(*(np.array([1 if ch == "+" else -1 for ch in s]) for s in lines))
-    h64 = h.astype(np.int64)
-    if not np.array_equal(h64 @ h64.T, m * np.eye(m, dtype=np.int64)):
-        raise RuntimeError(f"corrupt Hadamard data file {path}: the matrix it gives is not Hadamard (H Hᵀ != {m} I)")
+        raise HadamardDataError(
+            f"corrupt Hadamard data file {path}: expected 4 lines of {m // 4} '+'/'-' characters")
+    seqs = np.array([[1 if ch == "+" else -1 for ch in s] for s in lines], dtype=np.int64)
+    t = m // 4
+    paf = np.array([(seqs * np.roll(seqs, -s, axis=1)).sum() for s in range(t)], dtype=np.int64)
+    h = _goethals_seidel(*seqs)
+    # H Hᵀ in BLAS float64 is exact here (±1 entries, every partial sum an integer of magnitude <= m < 2^53) and is
+    # compared as int64; numpy's int64 matmul would take about a second at m ~ 1000.
+    hh = np.rint(h.astype(np.float64) @ h.T.astype(np.float64)).astype(np.int64)
+    if paf[0] != m or paf[1:].any() or not np.array_equal(hh, m * np.eye(m, dtype=np.int64)):
+        raise HadamardDataError(
+            f"corrupt Hadamard data file {path}: the matrix it gives is not Hadamard (H Hᵀ != {m} I)")
     return h
 
 
