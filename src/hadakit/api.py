@@ -23,7 +23,7 @@ from hadakit.io.texts import document_windows, read_text, text_calibration_windo
 from hadakit.quantization.pipeline import QuantizationReport, _vocab_size, prepare_calibration, quantize_model
 from hadakit.quantization.recipes import QuantRecipe, get_recipe
 
-__all__ = ["quantize"]
+__all__ = ["quantize", "quantize_streamed"]
 
 logger = logging.getLogger("hadakit")
 
@@ -347,3 +347,84 @@ def _tokens(kind, data, recipe: QuantRecipe, tokenizer, calib_windows, calib_len
     ids = text_calibration_windows(tokenizer, text, n_windows=calib_windows or recipe.calib_windows,
                                    window=window, seed=seed, add_bos=add_bos, label=label)
     return ids, None
+
+
+def quantize_streamed(
+    model_dir: str | os.PathLike,
+    recipe: str | QuantRecipe,
+    calibration: Any,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    max_memory: int | str | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool | Callable[[str], None] = True,
+    calib_windows: int | None = None,
+    calib_len: int | None = None,
+    seed: int = 0,
+    add_bos: bool | None = None,
+    force: bool = False,
+) -> QuantizationReport:
+    """Quantize the safetensors model directory ``model_dir`` one decoder layer at a time from disk and write its
+    packed checkpoint to ``out_dir`` (read it back with ``hadakit.load``); the whole model is never in memory.
+
+    The result is bit for bit what :func:`quantize` on the model loaded in float32 followed by ``hadakit.save``
+    writes (see :mod:`hadakit.io.streaming`, which also states the memory budget). ``calibration``,
+    ``calib_windows``, ``calib_len``, ``seed``, ``add_bos`` and ``progress`` are those of :func:`quantize`
+    (``None`` only for recipes that need no calibration); ``tokenizer``: for text calibration, and saved with the
+    checkpoint (default: the model directory's own tokenizer). ``device``: where each layer is computed (it is
+    moved there when loaded, its checkpoint tensors back to the CPU when written). ``max_memory``: bytes or a size
+    such as ``"4GB"``; raise before any work when the estimated budget exceeds it. ``force``: replace an existing
+    hadakit checkpoint at ``out_dir``.
+
+    Supported: RTN and GPTQ with any rotation, ``seq``, ``fptarget``, the calibrated options and ``store=``;
+    refused with :class:`hadakit.io.streaming.StreamingUnsupported` (a ``ValueError``): ``kv``/``kvcenter`` and
+    ``fusevo``.
+
+    Example::
+
+        from hadakit.api import quantize_streamed
+        report = quantize_streamed("path/to/model", "w4a16_g128:block-128:gptq",
+                                   hadakit.io.texts.read_text("lear"), "out/ckpt", max_memory="8GB")
+    """
+    from hadakit.io.streaming import check_streamable, stream_quantize
+    from hadakit.io.synthetic import parse_size
+
+    recipe = _resolve_recipe(recipe)
+    check_streamable(recipe)
+    say = _progress_sink(progress)
+    for name, v in (("calib_windows", calib_windows), ("calib_len", calib_len)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    target = _resolve_device(device)
+    limit = parse_size(max_memory, "max_memory") if max_memory is not None else None
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    kind, path, data = _classify(calibration)
+    calib = mask = None
+    if kind is None:
+        if recipe.linears_need_calibration:
+            raise ValueError(f"recipe {recipe.label()!r} needs calibration data (GPTQ or calibrated options): pass "
+                             f"calibration= text, a text file, documents or [n, L] token ids, or use an RTN recipe")
+    elif recipe.linears_need_calibration:
+        if kind in ("text", "file", "documents") and tokenizer is None:
+            from hadakit.io.loading import load_tokenizer, tokenizer_files
+
+            if not tokenizer_files(model_dir):
+                raise ValueError(f"calibration given as {_describe(kind)} needs a tokenizer and {model_dir} has "
+                                 f"none: pass tokenizer= or token ids")
+            tokenizer = load_tokenizer(model_dir)
+        calib, mask = _tokens(kind, data, recipe, tokenizer, calib_windows, calib_len, seed, add_bos)
+        say(f"calibration: {calib.shape[0]} windows of {calib.shape[1]} tokens ({_describe(kind)})")
+    else:
+        warnings.warn(f"recipe {recipe.label()!r} needs no calibration: the calibration given is not used",
+                      stacklevel=2)
+    sizes = {k: v for k, v in (("calib_windows", calib_windows), ("calib_len", calib_len)) if v is not None}
+    saved_recipe = dataclasses.replace(recipe, **sizes) if sizes else recipe
+    report = stream_quantize(model_dir, saved_recipe, out_dir, calib=calib, attention_mask=mask,
+                             tokenizer=tokenizer, device=target or "cpu", force=force, max_memory=limit,
+                             progress=say if progress else None, calib_source=kind, calib_path=path)
+    say(f"{recipe.label()}: {len(report.quantized)} linears quantized and streamed to {out_dir} in "
+        f"{report.seconds:.1f} s ({report.weight_bits:.3f} bits/weight)")
+    return report

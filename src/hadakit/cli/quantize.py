@@ -60,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "model's (default; bf16 for the built-in Gemma, whose GGUF is not fp32) or the one named; "
                         "the evaluation runs on exactly what is stored")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--stream", action="store_true",
+                   help="with --model DIR (safetensors) and --out: quantize one decoder layer at a time from disk, "
+                        "never holding the whole model (RTN/GPTQ; not kv or fusevo); the checkpoint is the one "
+                        "the in-memory run writes, bit for bit")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="with --stream: refuse to start when the estimated memory budget exceeds SIZE (e.g. 4GB)")
     p.add_argument("--cosine", action="store_true",
                    help="for encoder models (e.g. all-MiniLM-L6-v2): score each recipe by the cosine of its sentence "
                         "embeddings to the unquantized model's on held-out sentences (--text, default twelfth_night)")
@@ -81,6 +87,10 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     if args.out and args.compare:
         raise ValueError("--out saves one quantized model: use it with a single --recipe, not --compare")
+    if getattr(args, "stream", False):
+        return _run_stream(args)
+    if getattr(args, "max_memory", None) is not None:
+        raise ValueError("--max-memory goes with --stream")
     if not args.out:
         for flag in ("samples", "eval_fp", "no_eval", "store", "format"):
             if getattr(args, flag) not in (None, False):
@@ -161,6 +171,64 @@ def run_quantize(args: argparse.Namespace) -> int:
         save_tradeoff_plot(result, out_dir / f"{stamp}-time.png")
     print(f"\nwrote {out_dir / (stamp + '.json')}, {out_dir / (stamp + '.md')}" + (f" and {plot}" if plot else "")
           + f" (total {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def _run_stream(args: argparse.Namespace) -> int:
+    """``--stream``: quantize ``--model DIR`` layer by layer from disk into ``--out`` (no evaluation)."""
+    import dataclasses
+
+    from hadakit.api import quantize_streamed
+    from hadakit.io.checkpoint import check_checkpoint_dir
+    from hadakit.io.loading import load_tokenizer, tokenizer_files
+    from hadakit.io.texts import read_text
+    from hadakit.quantization.recipes import get_recipe
+
+    if not args.model or not Path(args.model).is_dir():
+        raise ValueError("--stream reads a Hugging Face safetensors model directory: pass --model DIR")
+    if not args.out:
+        raise ValueError("--stream writes a checkpoint: pass --out DIR")
+    if args.compare or (args.recipe and len(args.recipe) > 1):
+        raise ValueError("--stream quantizes with one --recipe (no --compare)")
+    for flag in ("samples", "eval_fp", "format", "cosine"):
+        if getattr(args, flag) not in (None, False):
+            raise ValueError(f"--{flag.replace('_', '-')} does not go with --stream (it only quantizes and saves; "
+                             f"evaluate the result with `hadakit eval DIR`)")
+    recipe = get_recipe((args.recipe or ["w4a4:random:gptq"])[0])
+    recipe = dataclasses.replace(recipe, store_dtype=_store_dtype(args, recipe))
+    check_checkpoint_dir(args.out, force=args.force)
+    model_dir = Path(args.model)
+    tokenizer = load_tokenizer(model_dir) if tokenizer_files(model_dir) else None
+    calibration = None
+    if recipe.linears_need_calibration:
+        if tokenizer is None:
+            raise ValueError(f"{model_dir} has no tokenizer files, so --calib-text cannot be tokenized: copy the "
+                             f"tokenizer into it, or use an RTN recipe (which needs no calibration)")
+        calibration = read_text(args.calib_text)
+    import os
+
+    import torch.distributed as dist
+
+    started = False  # under torchrun (WORLD_SIZE > 1): data-parallel calibration, rank 0 writes the checkpoint
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        device = args.device or "cpu"
+        dist.init_process_group(backend="gloo" if device == "cpu" else "nccl")
+        started = True
+        if device.startswith("cuda") and ":" not in device:
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    t0 = time.perf_counter()
+    try:
+        report = quantize_streamed(model_dir, recipe, calibration, args.out, tokenizer=tokenizer,
+                                   max_memory=args.max_memory, device=args.device or "cpu",
+                                   progress=_log if rank == 0 else False, calib_windows=args.calib_windows,
+                                   calib_len=args.calib_len, force=args.force)
+    finally:
+        if started:
+            dist.destroy_process_group()
+    if rank == 0:
+        print(report.summary())
+        print(f"wrote {args.out} (streamed, {time.perf_counter() - t0:.1f} s)")
     return 0
 
 

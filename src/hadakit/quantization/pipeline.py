@@ -562,66 +562,111 @@ def _drop_dense(modules) -> None:
             m.to_packed_only()
 
 
+@dataclass
+class LayerwiseState:
+    """What the layer-by-layer calibration carries from one decoder layer to the next (see :func:`calibrate_layer`):
+    the current layer's ``inputs`` (one hidden-state tensor per window; the previous layer's quantized outputs),
+    ``kwargs[i][j]`` (layer ``i``'s keyword arguments in window ``j``), the windows' real positions ``keeps``,
+    the full-precision stream ``fp_inputs`` (``fptarget``), the rows per window a sample keeps, whether ``seq``
+    still reuses finished submodules' outputs, the linears replaced so far (``done``), and ``reduce``: None, or a
+    function called with each recording pass's ``{leader: InputStats}`` before they are used."""
+
+    inputs: list[torch.Tensor] | None
+    kwargs: list[list[dict[str, Any]]]
+    keeps: list[torch.Tensor | None] | None
+    gptq: bool
+    fp_inputs: list[torch.Tensor] | None
+    per_window: int
+    reusing: bool
+    n_layers: int
+    done: set = field(default_factory=set)
+    # Called with each pass's statistics before they are used (data-parallel calibration all-reduces them there).
+    reduce: Callable[[dict[str, InputStats]], None] | None = None
+
+
+def start_layerwise(recipe: QuantRecipe, inputs: list[torch.Tensor], kwargs: list[list[dict[str, Any]]],
+                    windows: CalibrationWindows) -> LayerwiseState:
+    """The state before layer 0, from the first layer's captured ``inputs`` and every layer's ``kwargs``."""
+    gptq = recipe.method == "gptq" and recipe.weight is not None
+    return LayerwiseState(inputs=inputs, kwargs=kwargs, keeps=windows.keeps(), gptq=gptq,
+                          fp_inputs=list(inputs) if gptq and recipe.fp_target else None,  # full-precision stream
+                          per_window=max(1, recipe.calib_rows // max(1, len(inputs))),
+                          reusing=recipe.sequential,  # only seq runs a layer several times with its earlier parts final
+                          n_layers=len(kwargs))
+
+
+@torch.no_grad()
+def calibrate_layer(model, i: int, layer: nn.Module, recipe: QuantRecipe, linears: dict[str, nn.Module],
+                    state: LayerwiseState, report: QuantizationReport,
+                    progress: Callable[[str], None] | None, keep_dense: bool = True) -> None:
+    """Calibrate and quantize decoder layer ``i`` (``layer``, inside ``model``): record each linear's inputs, fit
+    its options, quantize (GPTQ on the transformed weights and Hessian), then run the quantized layer to make the
+    next layer's inputs (``state.inputs``; None after the last layer). The linears replaced are popped from
+    ``linears`` and added to ``state.done``. The in-memory path (:func:`_calibrate_layerwise`) and the streamed one
+    (``hadakit.io.streaming``) both call this, so they quantize bit for bit alike."""
+    inputs, keeps, gptq, per_window = state.inputs, state.keeps, state.gptq, state.per_window
+    kwargs_i = state.kwargs[i]
+    reuse = StageReuse(layer, _is_linear) if state.reusing else None
+    names = {n: m for n, m in linears.items() if any(m is mm for mm in layer.modules())}
+    rotations = {n: make_rotation(recipe, n, linear_weight(m).shape[1], report) for n, m in names.items()}
+    leader = _input_groups(layer, names, inputs[0], kwargs_i[0])
+    leaders = list(dict.fromkeys(leader.values()))  # in execution order
+    refs = None  # fp_inputs is set only for GPTQ, so refs too
+    if state.fp_inputs is not None:  # before anything in this layer is quantized
+        refs, state.fp_inputs = _full_precision_pass(layer, names, leaders, state.fp_inputs, kwargs_i)
+    # One pass records every linear's inputs; true-sequential runs one pass per input group, after the groups
+    # before it are quantized, and stops the layer as soon as the group's input is seen.
+    for stage in ([[ld] for ld in leaders] if recipe.sequential else [leaders]):
+        stats = _record_inputs(layer, names, stage, inputs, kwargs_i, recipe, gptq, per_window,
+                               refs=refs, reuse=reuse, keeps=keeps)
+        if state.reduce is not None:
+            state.reduce(stats)
+        release_free_memory()  # the forwards' temporaries, before the quantization's own
+        for n, m in names.items():
+            if leader[n] not in stage:
+                continue
+            st = stats[leader[n]]
+            fit = _fit_linear(recipe, linear_weight(m), rotations[n], st,
+                              seed=_layer_seed(recipe.rotation.seed, n))
+            if fit.smooth is not None or fit.act_clip is not None or fit.transform is not None:
+                report.fits[n] = dict(alpha=fit.alpha, act_clip=fit.act_clip,
+                                      transform=fit.transform.mode if fit.transform is not None else None,
+                                      error_before=fit.error_before, error_after=fit.error_after)
+            _replace(model, n, m, recipe, report, hessian=st.h, rotation=rotations[n], fit=fit, cross=st.cross)
+            state.done.add(n)
+            linears.pop(n, None)  # the original linear (and its weight) is no longer referenced from here
+        st = stats = None  # free the Hessians, samples and full-precision inputs before the next stage
+    names = m = None  # the replaced linears of this layer
+    refs = None
+    state.inputs = None  # this layer's inputs are dropped as soon as its outputs exist
+    if i + 1 < state.n_layers:  # the quantized layer's outputs feed the next one
+        state.inputs = _layer_outputs(layer, inputs, kwargs_i, reuse)
+    inputs = None
+    if not keep_dense:
+        _drop_dense(layer.modules())
+    release_free_memory()  # the replaced weights, Hessians and last layer's inputs
+    if reuse is not None and reuse.disabled_reason:
+        report.reuse_off = f"layer {i}: {reuse.disabled_reason}"
+        state.reusing = False  # recompute everything from here on
+    reuse = None
+    if progress:
+        progress(f"{'GPTQ' if gptq else 'calibration'} layer {i + 1}/{state.n_layers}")
+
+
 @torch.no_grad()
 def _calibrate_layerwise(model, recipe, linears, windows: CalibrationWindows, report,
                          progress: Callable[[str], None] | None, keep_dense: bool = True):
-    """One decoder layer at a time: record each linear's inputs, fit its options, quantize (GPTQ on the transformed
-    weights and Hessian), then run the quantized layer to make the next layer's inputs. A linear is removed from
-    ``linears`` once it is replaced, so the original weights are freed layer by layer; without ``keep_dense`` a
-    finished layer's quantized linears are made packed-only."""
+    """One decoder layer at a time (:func:`calibrate_layer`): record each linear's inputs, fit its options, quantize
+    (GPTQ on the transformed weights and Hessian), then run the quantized layer to make the next layer's inputs. A
+    linear is removed from ``linears`` once it is replaced, so the original weights are freed layer by layer;
+    without ``keep_dense`` a finished layer's quantized linears are made packed-only."""
     layers = find_decoder_layers(model)
     inputs, kwargs = capture_window_inputs(model, layers, windows)
-    keeps = windows.keeps()
-    gptq = recipe.method == "gptq" and recipe.weight is not None
-    fp_inputs = list(inputs) if gptq and recipe.fp_target else None  # the full-precision model's hidden states
-    per_window = max(1, recipe.calib_rows // max(1, len(inputs)))
-    done = set()
-    reusing = recipe.sequential  # only seq runs a layer several times with its earlier parts final
+    state = start_layerwise(recipe, inputs, kwargs, windows)
+    inputs = None
     for i, layer in enumerate(layers):
-        reuse = StageReuse(layer, _is_linear) if reusing else None
-        names = {n: m for n, m in linears.items() if any(m is mm for mm in layer.modules())}
-        rotations = {n: make_rotation(recipe, n, linear_weight(m).shape[1], report) for n, m in names.items()}
-        leader = _input_groups(layer, names, inputs[0], kwargs[i][0])
-        leaders = list(dict.fromkeys(leader.values()))  # in execution order
-        refs = None  # fp_inputs is set only for GPTQ, so refs too
-        if fp_inputs is not None:  # before anything in this layer is quantized
-            refs, fp_inputs = _full_precision_pass(layer, names, leaders, fp_inputs, kwargs[i])
-        # One pass records every linear's inputs; true-sequential runs one pass per input group, after the groups
-        # before it are quantized, and stops the layer as soon as the group's input is seen.
-        for stage in ([[ld] for ld in leaders] if recipe.sequential else [leaders]):
-            stats = _record_inputs(layer, names, stage, inputs, kwargs[i], recipe, gptq, per_window,
-                                   refs=refs, reuse=reuse, keeps=keeps)
-            release_free_memory()  # the forwards' temporaries, before the quantization's own
-            for n, m in names.items():
-                if leader[n] not in stage:
-                    continue
-                st = stats[leader[n]]
-                fit = _fit_linear(recipe, linear_weight(m), rotations[n], st,
-                                  seed=_layer_seed(recipe.rotation.seed, n))
-                if fit.smooth is not None or fit.act_clip is not None or fit.transform is not None:
-                    report.fits[n] = dict(alpha=fit.alpha, act_clip=fit.act_clip,
-                                          transform=fit.transform.mode if fit.transform is not None else None,
-                                          error_before=fit.error_before, error_after=fit.error_after)
-                _replace(model, n, m, recipe, report, hessian=st.h, rotation=rotations[n], fit=fit, cross=st.cross)
-                done.add(n)
-                linears.pop(n, None)  # the original linear (and its weight) is no longer referenced from here
-            st = stats = None  # free the Hessians, samples and full-precision inputs before the next stage
-        names = m = None  # the replaced linears of this layer
-        refs = None
-        if i + 1 < len(layers):  # the quantized layer's outputs feed the next one
-            inputs = _layer_outputs(layer, inputs, kwargs[i], reuse)
-        else:
-            inputs = None
-        if not keep_dense:
-            _drop_dense(layer.modules())
-        release_free_memory()  # the replaced weights, Hessians and last layer's inputs
-        if reuse is not None and reuse.disabled_reason:
-            report.reuse_off = f"layer {i}: {reuse.disabled_reason}"
-            reusing = False  # recompute everything from here on
-        reuse = None
-        if progress:
-            progress(f"{'GPTQ' if gptq else 'calibration'} layer {i + 1}/{len(layers)}")
-    return done
+        calibrate_layer(model, i, layer, recipe, linears, state, report, progress, keep_dense=keep_dense)
+    return state.done
 
 
 _STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
