@@ -110,7 +110,7 @@ def williamson(w: int, seed: int, budget_s: float = 600.0) -> np.ndarray:
     start = time.monotonic()
     while time.monotonic() - start < budget_s:
         v = rng.choice([-1, 1], size=(4, half))
-        c, best, stale, tabu = cost(v), None, 0, {}
+        c, tabu = cost(v), {}
         for step in range(4000):
             if c == 0:
                 return seqs(v)

@@ -55,7 +55,6 @@ def render() -> str:
     covered = covered_orders(1024)
     mult4 = [n for n in covered if n % 4 == 0]
     missing = uncovered_orders(1024)
-    new_data = sorted(matrices._NEW_DATA)
     legacy = [n for n in covered if matrices._legacy_base_order(n) is not None]
     new = [n for n in covered if matrices._legacy_base_order(n) is None]
     lines = [
