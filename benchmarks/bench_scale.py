@@ -1,6 +1,7 @@
 """Peak RSS and wall time of quantizing synthetic models in memory vs layer-streamed from disk (hadakit.io.streaming).
 
-Every run is a child process; its peak resident memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss``. The floor
+Every run is a child process; its peak resident memory is its own ``VmHWM`` (``/proc/self/status``; ``ru_maxrss`` would start at the launching
+process's peak). The floor
 of each model is a child that only imports the stack and reads every tensor of the shards into float32 (the least
 any quantizer must do); every wall time is given with its ratio to that floor. GPTQ is measured on a model of the
 same width with only ``--gptq-layers`` layers (GPTQ's time and memory per layer do not depend on the depth) and its
@@ -24,8 +25,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from hadakit.devices import cpu_name
+
 _CHILD = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
+
+    def hwm_mb():  # the child's own peak (VmHWM): ru_maxrss would start at the launcher's peak, which survives exec
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     mode, model_dir, out, recipe, n_windows, window = sys.argv[1:7]
     import torch
     from pathlib import Path
@@ -51,7 +59,7 @@ _CHILD = textwrap.dedent("""
         quantize_model(model, rec, calib=calib if rec.linears_need_calibration else None, keep_dense=False)
         save_quantized_model(model, tok, rec, out)
     print(json.dumps(dict(wall_s=time.perf_counter() - t0,
-                          peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+                          peak_rss_mb=hwm_mb())))
 """)
 
 
@@ -65,14 +73,6 @@ def _child(mode: str, model_dir: Path, out: Path, recipe: str, n_windows: int, w
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.tmp is None:
             shutil.rmtree(tmp, ignore_errors=True)
-    meta = dict(cpu=_cpu(), cores=os.cpu_count(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+    meta = dict(cpu=cpu_name(), cores=os.cpu_count(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                 python=platform.python_version(), calib=f"{args.windows} windows x {args.window_len} tokens",
                 note="shared 2-core machine: timings are noisy; random synthetic weights (memory/time only)",
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
