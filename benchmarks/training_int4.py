@@ -21,20 +21,10 @@ from pathlib import Path
 import torch
 
 from hadakit.devices import device_name, resolve_device, slug
-from hadakit.training.demo import run_demo
+from hadakit.training.demo import _ema, run_demo
 from hadakit.devices import cpu_name
 
 RECIPES = ("bf16", "int4_xi", "int4_naive")
-
-
-
-
-def _ema(v, beta=0.9):
-    out, m = [], None
-    for x in v:
-        m = x if m is None else beta * m + (1 - beta) * x
-        out.append(m)
-    return out
 
 
 def main(argv=None) -> int:
