@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hadakit.quantization.structure import _layer_seed, head_dim as _head_dim
+from hadakit.quantization.structure import head_dim as _head_dim
 from hadakit.transforms import HadamardRotation, HeadMixRotation
+from hadakit.transforms.spec import layer_seed
 
 FUSION_TOLERANCE = 1e-4  # relative L2 change of the model's output allowed by an exact fusion (fp32 rounding)
 
@@ -108,7 +109,7 @@ def fuse_value_rotations(model: nn.Module, *, signs: str = "fixed", seed: int = 
         v, o = model.get_submodule(p.v_name), model.get_submodule(p.o_name)
         saved[p.v_name] = (v.weight.detach().clone(), None if v.bias is None else v.bias.detach().clone())
         saved[p.o_name] = (o.weight.detach().clone(), None)
-        r = HadamardRotation(p.head_dim, signs=signs, seed=_layer_seed(seed, p.v_name), fallback="dct").to(v.weight.device)
+        r = HadamardRotation(p.head_dim, signs=signs, seed=layer_seed(seed, p.v_name), fallback="dct").to(v.weight.device)
         # v_proj: out rows grouped by KV head; each head's block becomes R·W_v (R applied along head_dim).
         wv = v.weight.detach().unflatten(0, (p.kv_heads, p.head_dim))       # [kv, d, in]
         v.weight.copy_(r(wv.transpose(1, 2)).transpose(1, 2).flatten(0, 1))
@@ -117,7 +118,7 @@ def fuse_value_rotations(model: nn.Module, *, signs: str = "fixed", seed: int = 
         # o_proj: W_o·(I ⊗ R)ᵀ, R applied to each head's slice of every row.
         o.weight.copy_(r(o.weight.detach().unflatten(1, (p.heads, p.head_dim))).flatten(1))
         result.online[p.o_name] = None if p.heads == 1 else \
-            HeadMixRotation(p.heads, p.head_dim, signs=signs, seed=_layer_seed(seed, p.o_name)).to(o.weight.device)
+            HeadMixRotation(p.heads, p.head_dim, signs=signs, seed=layer_seed(seed, p.o_name)).to(o.weight.device)
     out = _probe_output(model, probe)
     err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
     result.probe_error = err

@@ -36,9 +36,10 @@ from hadakit.quantization.qlinear import RotatedQuantLinear, weight_map
 from hadakit.quantization.quantizers import SchemeGroupQuantizer
 from hadakit.quantization.recipes import QuantRecipe, get_recipe
 from hadakit.quantization.stage_reuse import StageReuse
-from hadakit.quantization.structure import (_is_linear, _layer_seed, _set_module, find_decoder_layers,
+from hadakit.quantization.structure import (_is_linear, _set_module, find_decoder_layers,
                                             find_linears, linear_weight)
 from hadakit.transforms import HadamardRotation, transform_plan
+from hadakit.transforms.spec import layer_seed
 
 
 KV_CENTER_WINDOWS = 8  # calibration windows the KV centers are averaged over
@@ -115,7 +116,7 @@ def make_rotation(recipe: QuantRecipe, name: str, n: int, report: QuantizationRe
         raise ValueError(f"layer {name}: {exc}") from None
     if not plan.is_hadamard and report is not None:
         report.fallbacks[name] = plan.construction
-    return HadamardRotation(n, block_size=block, signs=rot.signs, seed=_layer_seed(rot.seed, name),
+    return HadamardRotation(n, block_size=block, signs=rot.signs, seed=layer_seed(rot.seed, name),
                             fallback=rot.fallback)
 
 
@@ -627,7 +628,7 @@ def calibrate_layer(model, i: int, layer: nn.Module, recipe: QuantRecipe, linear
                 continue
             st = stats[leader[n]]
             fit = _fit_linear(recipe, linear_weight(m), rotations[n], st,
-                              seed=_layer_seed(recipe.rotation.seed, n))
+                              seed=layer_seed(recipe.rotation.seed, n))
             if fit.smooth is not None or fit.act_clip is not None or fit.transform is not None:
                 report.fits[n] = dict(alpha=fit.alpha, act_clip=fit.act_clip,
                                       transform=fit.transform.mode if fit.transform is not None else None,

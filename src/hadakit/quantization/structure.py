@@ -1,6 +1,7 @@
 """The parts of a transformers model the pipeline works on: its linears, its stack of decoder layers, its
-attention head size (and, re-exported, the per-layer seed of a random rotation). Shared by the pipeline, the recipes' checks,
-the KV-cache quantization and the offline fusion, so none of them imports another for these."""
+attention head size. Shared by the pipeline, the recipes' checks, the KV-cache quantization and the offline fusion,
+so none of them imports another for these (the per-layer seed of a random rotation is
+``hadakit.transforms.spec.layer_seed``)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ from torch import nn
 
 from hadakit.quantization.qlinear import RotatedQuantLinear
 from hadakit.selection import selected
-from hadakit.transforms.spec import layer_seed
 
-__all__ = ["find_decoder_layers", "find_linears", "head_dim", "layer_seed", "linear_weight"]
+__all__ = ["find_decoder_layers", "find_linears", "head_dim", "linear_weight"]
 
 
 def _is_conv1d(mod: nn.Module) -> bool:
@@ -59,7 +59,6 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-_layer_seed = layer_seed
 
 
 def head_dim(mod: nn.Module) -> int | None:

@@ -104,11 +104,8 @@ def convert(model: nn.Module, recipe: TrainingRecipe | str | dict, ignore=(), *,
         ignore = (ignore,)
     if isinstance(targets, str):
         targets = (targets,)
-    try:
-        ignore = check_patterns(ignore, "convert: ignore")
-        targets = check_patterns(targets, "convert: targets")
-    except TypeError as e:
-        raise TypeError(str(e)) from None
+    ignore = check_patterns(ignore, "convert: ignore")
+    targets = check_patterns(targets, "convert: targets")
     if type(model) is nn.Linear or isinstance(model, QuantLinear):
         raise TypeError("convert: the model is itself a linear layer; use QuantLinear.from_linear(model, recipe)")
     report = ConvertReport(recipe.name or "(custom)")
