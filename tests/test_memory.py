@@ -217,6 +217,58 @@ def test_perplexity_chunked_equals_unchunked():
     assert window_nll(m, windows[:1], chunk=3) == window_nll(m, windows[:1], chunk=None)
 
 
+def _gemma3(softcap=None):
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                        max_position_embeddings=64, sliding_window=8,
+                                        final_logit_softcapping=softcap)
+    return transformers.Gemma3ForCausalLM(cfg).eval()
+
+
+def _head_rows(model):
+    """Records how many positions each call of the model's output head computes."""
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape[-2]))
+    return rows
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_perplexity_never_holds_whole_logits_and_matches(softcap):
+    """The chunked path computes the head on at most ``chunk`` positions per call (plus one for the check of the
+    model's own post-processing) and gives the plain path's NLL bit for bit, Gemma's soft-capping included."""
+    m = _gemma3(softcap)
+    windows = _tokens(2, 40, seed=4)
+    ref = window_nll(m, windows, chunk=None)
+    rows = _head_rows(m)
+    assert window_nll(m, windows, chunk=16) == ref
+    assert max(rows) <= 16 + 15 and sum(rows) == 39 + 2  # 39 scored positions; the last one twice, for the check
+    rows.clear()
+    window_nll(m, windows, chunk=None)
+    assert rows == [40]  # negative control: the plain path does hold all positions
+
+
+class _Doubled(transformers.LlamaForCausalLM):
+    """A causal LM with a post-processing of its logits that the chunked path does not know."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+
+def test_unknown_logit_post_processing_falls_back_to_plain_path():
+    base = _llama()
+    m = _Doubled(base.config).eval()
+    m.load_state_dict(base.state_dict())
+    windows = _tokens(1, 30, seed=5)
+    logits = m(input_ids=windows).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(), windows[0, 1:], reduction="sum")
+    nll, n = window_nll(m, windows, chunk=4)
+    assert n == 29 and nll == float(expected.double())
+    assert nll != window_nll(base, windows, chunk=4)[0]  # the doubling does change the NLL
+
+
 # ------------------------------------------------------------------------------------------- materialize
 
 

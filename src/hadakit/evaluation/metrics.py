@@ -60,14 +60,112 @@ def next_token_nll(logits: torch.Tensor, targets: torch.Tensor, *, chunk: int | 
                                         reduction="sum")
 
 
+class _HeadCapture(torch.nn.Module):
+    """Stands in for a causal LM's output head during one forward: keeps the final hidden states and computes the
+    head on the last position only, so the model's own post-processing of the logits (e.g. Gemma's final logit
+    soft-capping) runs on that one row and can be checked against ours."""
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.head = head
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.hidden = hidden
+        return self.head(hidden[..., -1:, :])
+
+
+def _head_slot(model: Any) -> tuple[str, torch.nn.Module] | None:
+    """The attribute of ``model`` that holds its output head (``lm_head`` for transformers' causal LMs), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Module):
+        return None
+    for name, child in model.named_children():
+        if child is head:
+            return name, head
+    return None
+
+
+def _post_process(model: Any, logits: torch.Tensor) -> torch.Tensor:
+    """What transformers' causal LMs do to the head's output before returning it: Gemma 2/3's final soft-capping
+    (the same operations in the same order), nothing for the others. Checked against the model on every batch."""
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap is not None:
+        logits = logits / cap
+        logits = torch.tanh(logits)
+        logits = logits * cap
+    return logits
+
+
+HEAD_MIN_ROWS = 16  # BLAS computes a product of 1-3 rows (a gemv) in another order than the same rows of a gemm
+
+
+def _head_chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    """Position ranges ``[a, z)`` covering ``0..n`` for the head: ``max(chunk, HEAD_MIN_ROWS)`` positions each, a
+    last range shorter than ``HEAD_MIN_ROWS`` merged into the one before, so that every call is a matrix product
+    whose rows BLAS computes exactly as it does inside the whole ``[L, V]`` product."""
+    step = max(chunk, HEAD_MIN_ROWS)
+    bounds = list(range(0, n, step)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < HEAD_MIN_ROWS:
+        del bounds[-2]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _chunked_window_nll(model: Any, batch: torch.Tensor, chunk: int) -> torch.Tensor | None:
+    """:func:`window_nll`'s sum without ever holding the ``[b, L, V]`` logits: the decoder runs once with the head
+    replaced by :class:`_HeadCapture`, then the head runs on ``chunk`` positions at a time. None when the model has
+    no recognisable head or when its own last-position logits differ from ours (an unknown post-processing): the
+    caller then takes the plain path."""
+    slot = _head_slot(model)
+    if slot is None:
+        return None
+    name, head = slot
+    capture = _HeadCapture(head)
+    setattr(model, name, capture)
+    try:
+        out = model(input_ids=batch, use_cache=False)
+    finally:
+        setattr(model, name, head)
+    hidden, reference = capture.hidden, getattr(out, "logits", None)
+    if hidden is None or reference is None or hidden.shape[:2] != batch.shape:
+        return None
+    if not torch.equal(_post_process(model, head(hidden[..., -1:, :])), reference):
+        return None
+    del out, reference
+    b, length = batch.shape
+    targets = batch[:, 1:]
+    picked = torch.empty(b, length - 1, dtype=torch.float32, device=hidden.device)
+    for a, z in _head_chunks(length - 1, chunk):
+        logits = _post_process(model, head(hidden[:, a:z]))
+        lsm = torch.log_softmax(logits.float(), dim=-1)
+        picked[:, a:z] = lsm.gather(2, targets[:, a:z, None])[..., 0]
+        del logits, lsm
+    n = picked.numel()
+    # the sum next_token_nll ends in: nll_loss over the picked values [N, 1] in the flattened [b, L-1] order
+    return torch.nn.functional.nll_loss(picked.reshape(n, 1), torch.zeros(n, dtype=torch.long, device=picked.device),
+                                        reduction="sum")
+
+
 @torch.no_grad()
 def window_nll(model: Any, batch: torch.Tensor, *, chunk: int | None = NLL_CHUNK) -> tuple[float, int]:
     """Summed next-token NLL of a batch of windows ``[b, L]`` (position 0 is not predicted) and the token count.
-    ``chunk``: positions per log-softmax (see :func:`next_token_nll`; the result is the same for any value)."""
+    ``chunk``: positions per log-softmax (see :func:`next_token_nll`; the result is the same for any value). With a
+    ``chunk``, a causal LM whose output head is a submodule (``get_output_embeddings()``) never materialises the
+    whole ``[b, L, V]`` logits: its head runs on ``chunk`` positions at a time (at least ``HEAD_MIN_ROWS``; 512 MB
+    less for one window of 512 tokens of Gemma's 262,144-token vocabulary), the plain path's numbers bit for bit
+    wherever BLAS computes a row of a product independently of the other rows (true of every shape tested here:
+    the tests and the quick table check it); any other model takes the plain path."""
     batch = batch.to(_device(model))
+    targets = batch[:, 1:]
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be a positive number of rows or None, got {chunk}")
+    if chunk is not None:
+        nll = _chunked_window_nll(model, batch, chunk)
+        if nll is not None:
+            return float(nll.double()), targets.numel()
     logits = model(input_ids=batch, use_cache=False).logits
     logits = logits[:, :-1]
-    targets = batch[:, 1:]
     nll = next_token_nll(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), chunk=chunk)
     del logits
     return float(nll.double()), targets.numel()
