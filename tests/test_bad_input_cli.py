@@ -70,8 +70,8 @@ def test_bench_non_positive_size(tmp_path, capsys, size):
 
 
 def test_bench_size_without_hadamard_matrix(tmp_path, capsys):
-    argv, out = _bench(tmp_path, "--sizes", "64,13696")
-    _bad(argv, capsys, out, "--sizes", "13696", "13692", "13712")
+    argv, out = _bench(tmp_path, "--sizes", "64,16256")
+    _bad(argv, capsys, out, "--sizes", "16256", "16248", "16268")
 
 
 def test_bench_empty_size_list(tmp_path, capsys):
@@ -158,7 +158,7 @@ def test_demo_non_positive_settings(tmp_path, capsys, flag, value):
     ("w4a16:block-0", ["block-0", "positive"]),
     ("w4a16:block--8", ["block--8", "positive"]),
     ("w4a16:block-7", ["block-7", "Hadamard", "4, 8"]),
-    ("w4a16:block-13696", ["block-13696", "13692, 13712"]),
+    ("w4a16:block-16256", ["block-16256", "16248, 16268"]),
 ])
 def test_bad_recipe_options(spec, words):
     with pytest.raises(ValueError) as info:
@@ -210,6 +210,6 @@ def test_check_recipe_for_model_sizes_without_fallback():
 
     strict = get_recipe("w4a16:hadamard")
     strict = get_recipe(strict, rotation=type(strict.rotation)(kind="hadamard", fallback=None))
-    with pytest.raises(ValueError, match="layers.0.*13696"):
-        check_recipe_for_model(strict, _Tiny(widths=(13696,)))
-    check_recipe_for_model(get_recipe("w4a16:hadamard"), _Tiny(widths=(13696,)))  # the DCT fallback covers it
+    with pytest.raises(ValueError, match="layers.0.*16256"):
+        check_recipe_for_model(strict, _Tiny(widths=(16256,)))
+    check_recipe_for_model(get_recipe("w4a16:hadamard"), _Tiny(widths=(16256,)))  # the DCT fallback covers it

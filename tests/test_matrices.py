@@ -49,7 +49,7 @@ def test_required_orders_are_covered():
     for n in [1, 2, 4, 12, 20, 28, 36, 40, 44, 52, 60, 76, 108, 172, 11008]:
         assert is_constructible(n), n
     assert set(COVERED) == {1, 2} | {n for n in range(4, 1025, 4) if n not in uncovered_orders(1024)}
-    assert 236 in uncovered_orders(1024) and 268 in uncovered_orders(1024)
+    assert 268 in uncovered_orders(1024) and 412 in uncovered_orders(1024) and 236 not in uncovered_orders(1024)
     assert all(n % 4 == 0 for n in uncovered_orders(1024))
 
 
@@ -72,8 +72,9 @@ def test_base_order_values():
     assert base_order(40) == 20
     assert base_order(20) == 20
     assert base_order(11008) == 172
-    assert base_order(13696) is None  # 107·128: none of 428, 856, ..., 13696 is constructible
-    assert base_order(6) is None and base_order(116) == 116 and base_order(236) is None
+    assert base_order(16256) is None  # 127·128: none of 508, 1016, ..., 16256 is constructible
+    assert base_order(13696) == 428  # 107·128: 428 (issue #22, round 2) ⊗ sylvester(32)
+    assert base_order(6) is None and base_order(116) == 116 and base_order(268) is None
     assert base_order(0) is None and base_order(-4) is None
     assert base_order(2**20) == 1 and base_order(12 * 2**18) == 12
 
@@ -86,12 +87,12 @@ def test_base_order_is_smallest():
             continue
         k = n // m
         assert n % m == 0 and k & (k - 1) == 0
-        # No smaller candidate m / 2^j is constructible -- except a base order added later, which never replaces
-        # the construction an order had before (docs/hadamard_orders.md): 368 stays Paley's though 92 exists now.
+        # No smaller candidate m / 2^j is constructible -- except a base order added in a later tier, which never
+        # replaces the construction an order had before (docs/hadamard_orders.md): 368 stays Paley's though 92
+        # exists now.
         j = 1
         while m % 2**j == 0:
-            assert not is_constructible(m >> j) or (matrices._legacy_base_order(m >> j) is None
-                                                    and matrices._legacy_base_order(n) == m), (n, m, m >> j)
+            assert not is_constructible(m >> j) or matrices._tier(m >> j) > matrices._tier(n), (n, m, m >> j)
             j += 1
 
 
@@ -122,13 +123,13 @@ def test_kronecker_of_two_base_orders():
 @pytest.mark.parametrize(
     "bad,expected",
     [
-        (236, "nearest constructible orders: 232 below, 240 above"),
+        (412, "nearest constructible orders: 408 below, 416 above"),
         (6, "nearest constructible orders: 4 below, 8 above"),
         (3, "nearest constructible orders: 2 below, 4 above"),
         (268, "nearest constructible orders: 264 below, 272 above"),
         (0, "nearest constructible order: 1"),
         (-8, "nearest constructible order: 1"),
-        (13696, "13696"),
+        (16256, "16256"),
         (12.5, "nearest constructible orders: 12 below, 16 above"),
         ("12", "must be an int"),
         (True, "must be an int"),

@@ -191,17 +191,17 @@ def test_bad_arguments():
 
 
 def test_unsupported_size_names_nearest_and_fallback_is_orthogonal():
-    n = 13696  # 107·128: no Hadamard matrix of order 428·2^j is constructible
+    n = 16256  # 127·128: no Hadamard matrix of order 508·2^j is constructible
     assert not hadakit.supported(n)
     with pytest.raises(ValueError) as err:
         hadakit.hadamard_transform(torch.zeros(1, n))
     msg = str(err.value)
     below, above = hadakit.nearest_supported(n)
-    assert str(below) in msg and str(above) in msg and "fallback" in msg and "107" in msg
+    assert str(below) in msg and str(above) in msg and "fallback" in msg and "127" in msg
     assert below < n < above and hadakit.supported(below) and hadakit.supported(above)
     for fb in ("dct", "random"):
         plan = hadakit.transform_plan(n, fallback=fb)
-        assert plan.kind == fb and plan.base_order == 107 and "fallback" in plan.construction
+        assert plan.kind == fb and plan.base_order == 127 and "fallback" in plan.construction
         x = torch.randn(3, n, dtype=torch.float64)
         y = hadakit.hadamard_transform(x, fallback=fb)
         torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))

@@ -63,16 +63,31 @@ def golay10() -> tuple[np.ndarray, np.ndarray]:
     raise AssertionError("no Golay pair of length 10")
 
 
+# Golay's kernel pair of length 26 (M. J. E. Golay, "Complementary series", IRE Trans. Inform. Theory 7, 1961; the
+# only primitive binary length besides 2 and 10, unique up to equivalence).  Typed in from the literature and
+# checked by check_golay() below (and again, through the Hadamard matrices built on it, on every load in hadakit).
+GOLAY26 = ("-+--++-++++-------++---+-+", "-+--++-++++-+-++++--+++-+-")
+
+
+def golay26() -> tuple[np.ndarray, np.ndarray]:
+    """Golay's pair of length 26 (literature data, verified here)."""
+    a, b = (np.array([1 if ch == "+" else -1 for ch in s], dtype=np.int64) for s in GOLAY26)
+    return check_golay(a, b)
+
+
 def golay(g: int) -> tuple[np.ndarray, np.ndarray]:
-    """A Golay pair of length g = 2^a 10^b (doubling and Turyn's product)."""
+    """A Golay pair of length g = 2^a 10^b 26^c (doubling and Turyn's product of two pairs)."""
     if g == 1:
         return np.array([1]), np.array([1])
     if g == 10:
         return golay10()
-    if g % 10 == 0 and g // 10 > 1 and (g // 10) % 10 == 0:
-        (a, b), (c, d) = golay(10), golay(g // 10)
-        p, q = (c + d) // 2, (c - d) // 2
-        return check_golay(np.kron(p, a) + np.kron(q, b), np.kron(p, b[::-1]) - np.kron(q, a[::-1]))
+    if g == 26:
+        return golay26()
+    for kernel in (10, 26):
+        if g % kernel == 0 and g // kernel > 1 and (g // kernel) % kernel == 0:
+            (a, b), (c, d) = golay(kernel), golay(g // kernel)
+            p, q = (c + d) // 2, (c - d) // 2
+            return check_golay(np.kron(p, a) + np.kron(q, b), np.kron(p, b[::-1]) - np.kron(q, a[::-1]))
     if g % 2 == 0:
         a, b = golay(g // 2)
         return check_golay(np.r_[a, b], np.r_[a, -b])
@@ -87,6 +102,69 @@ def t_sequences(a, b, c, d) -> np.ndarray:
     t[2, m:], t[3, m:] = (c + d) // 2, (c - d) // 2
     assert (np.abs(t).sum(0) == 1).all() and not sum(aperiodic(x) for x in t).any(), "not T-sequences"
     return t
+
+
+# Turyn-type sequences TT(n): X, Y, Z, W of lengths n, n, n, n-1 with N_X + N_Y + 2 N_Z + 2 N_W = 0 at every nonzero
+# shift.  TT(36) is the quadruple of H. Kharaghani and B. Tayfeh-Rezaie, "A Hadamard matrix of order 428",
+# J. Combin. Des. 13 (2005) 435-440 (as listed by C. Koukouvinos, www.math.ntua.gr/people/ckoukouv/designs/hadamard/
+# seq36t.txt), typed in here and checked by turyn_type_to_t().  Other entries: found by tools/hadamard_tt_search.py
+# (command line and time in the comment of each).
+TURYN_TYPE = {
+    # tools/hadamard_tt_search.py --kind tt --n 20 --seed 2 --restart-after 100000 --tenure 2 10 --chunk 1000000:
+    # found in 113.1 s (7998562 steps; seed 1 with --restart-after 20000 --tenure 3 12 had stalled at cost 4 for 190 s).
+    20: ("+---+++++--++++-++++", "++--+--+--++-+++--++", "++-------+-+--+-+++-", "++--+----++-+-+-+--"),
+    36: ("+++----++-+-+-----++++-++-++++----+-",
+         "+-+++++--+-+--+--++--++++-++++---++-",
+         "+-+++++-+--++++-+++-++--+++-+--+---+",
+         "+++-+-----++--+-+++--+-+-+++-++++-+"),
+}
+# Base sequences BS(m, n) found by tools/hadamard_tt_search.py --kind bs (m, n) -> (A, B, C, D).
+BASE_SEQUENCES: dict[tuple[int, int], tuple[str, str, str, str]] = {
+    # tools/hadamard_tt_search.py --kind bs --n 15 --seed 1 --restart-after 20000 --tenure 3 12 --chunk 200000:
+    # found in 33.4 s (3651444 steps).
+    (16, 15): ("+-+-+---+--+----", "++-+----+---++++", "-++-+---++--+-+", "++----+--++----"),
+}
+# Williamson matrices (symmetric circulant first rows) of orders 49 and 61 from the literature: S. London,
+# "Constructing new Turyn type sequences, T-sequences and Hadamard matrices", PhD thesis, University of Illinois at
+# Chicago, 2013 (as tabulated in SageMath's hadamard_matrix module); checked by williamson_check() before use.
+WILLIAMSON_LIT = {
+    49: ("++++-++-+---++-+++---++-++-++---+++-++---+-++-+++", "++++-++-+---++-+++---++-++-++---+++-++---+-++-+++",
+         "+----+-++++--+-+++-+-+++--+++-+-+++-+--++++-+----", "+++++-+----++-+---+-+---++---+-+---+-++----+-++++"),
+    61: ("++--+--++--+-+-++++--+-----+------+-----+--++++-+-+--++--+--+",
+         "++--+--++--+-+-++++--+-----+------+-----+--++++-+-+--++--+--+",
+         "+---+-+-++++---++--+-++-+---++++++---+-++-+--++---++++-+-+---",
+         "++++-+-+----+++--++-+--+-+++------+++-+--+-++--+++----+-+-+++"),
+}
+
+
+def williamson_check(w: int) -> np.ndarray:
+    """The literature Williamson sequences of order w, checked: symmetric, ±1, summed PAF (4w, 0, ..., 0)."""
+    seqs = np.stack([signs(v) for v in WILLIAMSON_LIT[w]])
+    assert seqs.shape == (4, w) and all((x[1:] == x[1:][::-1]).all() for x in seqs), f"W({w}) not symmetric"
+    t = summed_paf(seqs)
+    assert t[0] == 4 * w and not t[1:].any(), f"W({w}) are not Williamson sequences"
+    return seqs
+
+
+def signs(text: str) -> np.ndarray:
+    return np.array([1 if ch == "+" else -1 for ch in text], dtype=np.int64)
+
+
+def turyn_type_to_t(n: int) -> np.ndarray:
+    """T-sequences of length 3n - 1 from TT(n): base sequences (Z;W), (Z;-W), X, Y of lengths 2n-1, 2n-1, n, n."""
+    x, y, z, w = (signs(v) for v in TURYN_TYPE[n])
+    assert (len(x), len(y), len(z), len(w)) == (n, n, n, n - 1), f"TT({n}): wrong lengths"
+    assert not (aperiodic(x) + aperiodic(y) + 2 * aperiodic(z) + 2 * np.r_[aperiodic(w), 0]).any(), \
+        f"TT({n}) is not Turyn-type"
+    return t_sequences(np.r_[z, w], np.r_[z, -w], x, y)
+
+
+def base_to_t(m: int, n: int) -> np.ndarray:
+    return t_sequences(*(signs(v) for v in BASE_SEQUENCES[(m, n)]))
+
+
+# Williamson matrices of order 3 (symmetric circulants, first rows a, b, c, d): a = [1, 1, 1], b = c = d = [1, -1, -1].
+WILLIAMSON3 = np.array([[1, 1, 1], [1, -1, -1], [1, -1, -1], [1, -1, -1]], dtype=np.int64)
 
 
 def gs_from_t(t: np.ndarray) -> np.ndarray:
@@ -217,6 +295,40 @@ def build(order: int, seed: int) -> tuple[np.ndarray, str]:
         a, b = golay(100)
         return gs_from_t(t_sequences(a, b, np.array([1]), np.array([1]))), \
             "T-sequences of length 101 from Golay pairs of lengths 100 and 1"
+    turyn = {236: 20, 356: 30, 428: 36}  # order 4(3n - 1) from TT(n)
+    if order in turyn and turyn[order] in TURYN_TYPE:
+        n = turyn[order]
+        src = "Kharaghani and Tayfeh-Rezaie 2005" if n == 36 else "tools/hadamard_tt_search.py"
+        return gs_from_t(turyn_type_to_t(n)), \
+            (f"T-sequences of length {3 * n - 1} from base sequences BS({2 * n - 1}, {n}) = ((Z;W), (Z;-W), X, Y) "
+             f"of Turyn-type sequences TT({n}) ({src})")
+    # Williamson(3) x T-sequences of length u (3 does not divide u): order 12u.
+    w3 = {372: ("bs", (16, 15)), 852: ("tt", 24), 996: ("tt", 28)}
+    if order in w3:
+        kind, key = w3[order]
+        have = key in (BASE_SEQUENCES if kind == "bs" else TURYN_TYPE)
+        if have:
+            t = base_to_t(*key) if kind == "bs" else turyn_type_to_t(key)
+            u = t.shape[1]
+            what = f"BS{key}" if kind == "bs" else f"TT({key})"
+            return williamson_times_t(WILLIAMSON3, t), \
+                (f"Williamson matrices of order 3 x T-sequences of length {u} (from {what}, "
+                 f"tools/hadamard_tt_search.py), Cooper-Wallis quaternion array, Z_{u} x Z_3 = Z_{3 * u}")
+    # Williamson(5) (meet-in-the-middle) x T-sequences of length 47 from BS(24, 23): order 940 = 4·5·47.
+    if order == 940 and (24, 23) in BASE_SEQUENCES:
+        t = base_to_t(24, 23)
+        return williamson_times_t(williamson_mitm(5), t), \
+            ("Williamson matrices of order 5 (meet-in-the-middle) x T-sequences of length 47 (from BS(24, 23), "
+             "tools/hadamard_tt_search.py), Cooper-Wallis quaternion array, Z_47 x Z_5 = Z_235")
+    # Literature Williamson matrices x T-sequences from a Golay pair of length u - 1 and Golay(1): order 4uw.
+    lit = {732: (61, 3), 980: (49, 5)}
+    if order in lit:
+        w, u = lit[order]
+        a, b = golay(u - 1)
+        t = t_sequences(a, b, np.array([1]), np.array([1]))
+        return williamson_times_t(williamson_check(w), t), \
+            (f"Williamson matrices of order {w} (London 2013) x T-sequences of length {u} (Golay {u - 1} + 1), "
+             f"Cooper-Wallis quaternion array, Z_{u} x Z_{w} = Z_{u * w}")
     products = {476: (7, 17), 612: (9, 17), 836: (19, 11), 1012: (23, 11), 532: (19, 7), 988: (19, 13),
                 756: (27, 7)}
     if order in products:
@@ -237,7 +349,7 @@ def build(order: int, seed: int) -> tuple[np.ndarray, str]:
     raise ValueError(f"no algebraic recipe for order {order} in this tool")
 
 
-ORDERS = (260, 324, 404, 476, 612, 836, 1012, 532, 988, 756)
+ORDERS = (260, 324, 404, 476, 612, 836, 1012, 532, 988, 756, 428, 236, 372, 732, 980)
 
 
 def main() -> None:

@@ -30,12 +30,24 @@ TIMES = {
     532: "Williamson(19) and BS(4, 3) meet-in-the-middle + product: < 0.1 s",
     988: "Williamson(19) and BS(7, 6) meet-in-the-middle + product: < 0.1 s",
     756: "Williamson(27) and BS(4, 3) meet-in-the-middle + product: 8.5 s",
+    236: "round 2: Turyn-type TT(20) by tools/hadamard_tt_search.py, seed 2 (restart after 100000, tenure 2-10): "
+         "113.1 s; seed 1 (restart after 20000, tenure 3-12) stopped after 192 s at cost 4",
+    372: "round 2: base sequences BS(16, 15) by tools/hadamard_tt_search.py, seed 1: 33.4 s; × Williamson(3)",
+    428: "round 2: TT(36) of Kharaghani and Tayfeh-Rezaie (2005), literature data: < 0.1 s",
+    732: "round 2: Williamson(61) of London (2013), literature data, × T-sequences(3): < 0.1 s",
+    980: "round 2: Williamson(49) of London (2013), literature data, × T-sequences(5): < 0.1 s",
 }
-TRIED = ("Tried and not reached: t = 59 (236, hence 472 and 944) by tools/hadamard_gs_search.py, 600 s with seed 1 "
-         "(128 chains, restart after 2000; lowest cost 128) and 1080 s with seed 2 (64 chains, restart after 5000; "
-         "lowest cost 112); t = 67 (268) started and stopped after a few seconds for lack of time; Williamson "
-         "matrices of order 31 (for 372 = 4·3·31 via T-sequences of length 3) by meet-in-the-middle did not finish "
-         "in 400 s")
+# Round-2 searches that did not give an order (one process, OMP_NUM_THREADS=1, on the shared 2-core machine).
+SEARCHES_FAILED = [
+    "TT(24) (for 852 = 4·3·71 through T-sequences of length 71 × Williamson(3)): tools/hadamard_tt_search.py seed 2, "
+    "restart after 100000, tenure 2-10, 1215 s (58 million steps), lowest cost 8",
+    "BS(24, 23) (for 940 = 4·5·47 through T-sequences of length 47 × Williamson(5)): seed 1, restart after 100000, "
+    "tenure 2-10, 1208 s (38 million steps), lowest cost 12",
+]
+TRIED = ("Round 1 tried and did not reach t = 59 (236) by tools/hadamard_gs_search.py (600 s and 1080 s, periodic "
+         "cost on four length-59 sequences, lowest costs 128 and 112); round 2 reached it through Turyn-type sequences "
+         "TT(20) (79 signs, aperiodic cost). Round-2 searches that did not give an order: "
+         + "; ".join(SEARCHES_FAILED))
 
 
 def wrap(items: list[str], width: int = 116) -> str:
@@ -57,6 +69,7 @@ def render() -> str:
     missing = uncovered_orders(1024)
     legacy = [n for n in covered if matrices._legacy_base_order(n) is not None]
     new = [n for n in covered if matrices._legacy_base_order(n) is None]
+    miyamoto = [m for m in covered if base_order(m) == m and matrices._recipe(m)[0] == "miyamoto"]
     lines = [
         "# Hadamard orders hadakit can build",
         "",
@@ -71,13 +84,19 @@ def render() -> str:
         "",
         "Base orders come from Sylvester, Paley I (`q + 1`, `q ≡ 3 mod 4` a prime power), Paley II (`2(q + 1)`,",
         "`q ≡ 1 mod 4`), Goethals–Seidel data files (four ±1 sequences of length `t` whose periodic autocorrelations",
-        "sum to zero, giving order `4t`) and Kronecker products of two constructible orders that are not powers of two",
+        "sum to zero, giving order `4t`), Miyamoto's construction (`4q` for a prime power `q ≡ 1 mod 4` from a",
+        "Hadamard matrix of order `q - 1`, M. Miyamoto, J. Combin. Theory A 57, 1991; exact, in code, checked",
+        "`H Hᵀ = 4q I` when built) and Kronecker products of two constructible orders that are not powers of two",
         "(the first is 1904 = 28·68).",
         "",
         "**New base orders never replace an existing construction.** The orders constructible before issue #22",
         f"({len(legacy)} up to 1024) keep exactly their matrix and `base_order` (pinned by",
         "`tests/data/hadamard_hashes.json`): they are resolved with the old rules first. E.g. `base_order(368)` stays 368",
-        "(Paley I, q = 367) although 368 = 92·4. Only orders the old rules cannot reach use the new data files.",
+        "(Paley I, q = 367) although 368 = 92·4. The rounds of issue #22 are tiers in the same way: an order is built",
+        "by the first round whose rules reach it (round 1: its data files; round 2: its data files and Miyamoto), so",
+        "e.g. 35344 = 188·188 (round 1) stays a Kronecker product although round 2 builds 8836 = 4·47² by Miyamoto.",
+        "The fixture pins the orders of each round up to 4096 (section `added`, tools/hadamard_hash_fixture.py",
+        "--add-new).",
         "",
         "## Counts",
         "",
@@ -88,10 +107,16 @@ def render() -> str:
         f"**Not covered ({len(missing)}):** " + ", ".join(map(str, missing)) + ".",
         "",
         "Why: " + "; ".join(f"{n}: {why}" for n, why in OPEN.items()) + ". All other missing orders are known to",
-        "exist in the literature (Williamson-type, Goethals–Seidel difference families, Miyamoto's and Spence's",
-        "constructions, base / Turyn-type sequences, e.g. 428 by Kharaghani and Tayfeh-Rezaie, 2005); hadakit has no",
-        "construction for them yet. " + TRIED + ". For such a size `hadamard_matrix` raises a `ValueError` naming",
-        "the nearest constructible orders.",
+        "exist in the literature (Williamson-type matrices, Goethals–Seidel difference families, T-sequences from",
+        "base sequences BS(n+1, n) or Turyn-type sequences, Yang's multiplications); hadakit has no construction for",
+        "them yet. " + TRIED + ". For such a size `hadamard_matrix` raises a `ValueError` naming the nearest",
+        "constructible orders.",
+        "",
+        "## Miyamoto's construction (in code, no data)",
+        "",
+        "Base orders built by `_miyamoto(q)` up to 1024: "
+        + ", ".join(f"{m} (q = {m // 4}, H({m // 4 - 1}))" for m in miyamoto) + "; and their doublings. Smaller",
+        "`4q` with `q ≡ 1 mod 4` a prime power were constructible before (Paley, or round-1 data) and keep that.",
         "",
         "## Data files (src/hadakit/transforms/data)",
         "",
@@ -111,6 +136,15 @@ def render() -> str:
         "(Cooper–Wallis quaternion array on Z_u × Z_w ≅ Z_uw, with T-sequences from Golay pairs or from base sequences",
         "BS(4, 3), BS(7, 6) found by meet-in-the-middle): 476, 532, 612, 756, 836, 988, 1012). 184, 232, 376, 520, 808,",
         "952 follow by Sylvester doubling of 92, 116, 188, 260, 404, 476.",
+        "",
+        "Round 2: `tools/hadamard_tt_search.py` (seeded tabu search, numba, on aperiodic complementary sequences:",
+        "Turyn-type TT(n) and base sequences BS(m, n)) and `tools/hadamard_algebraic.py`: TT(n) → base sequences",
+        "BS(2n-1, n) = ((Z;W), (Z;-W), X, Y) → T-sequences of length 3n-1 → GS sequences (236 from TT(20) found here,",
+        "428 from the TT(36) of Kharaghani and Tayfeh-Rezaie, J. Combin. Des. 13, 2005); BS(16, 15) found here →",
+        "T-sequences of length 31 × Williamson(3) → 372; Williamson matrices of orders 61 and 49 from S. London's",
+        "thesis (2013) × T-sequences of lengths 3 and 5 → 732, 980. Literature sequences are typed into the tool with",
+        "their source and checked there; the data files are checked on every load like the others. 472, 944 and 856",
+        "follow by doubling 236 and 428.",
         "",
         "## Every order up to 1024",
         "",

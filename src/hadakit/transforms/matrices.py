@@ -8,16 +8,22 @@ A Hadamard matrix of order ``n`` has entries ±1 and satisfies ``H @ H.T == n * 
 * **data files** in ``data/``: four Goethals–Seidel sequences of length ``t`` each, giving order ``4t``: 172
   (found by ``tools/search_order_172.py``), and the orders of issue #22: 92, 116, 156, 188 (seeded tabu search,
   ``tools/hadamard_gs_search.py``), 260, 324, 404 (T-sequences from Golay pairs) and 476, 532, 612, 756, 836, 988,
-  1012 (Williamson matrices × T-sequences), written by ``tools/hadamard_algebraic.py``;
+  1012 (Williamson matrices × T-sequences), written by ``tools/hadamard_algebraic.py`` (round 1); 236, 428
+  (T-sequences from Turyn-type sequences TT(20), TT(36)), 372 (Williamson(3) × T-sequences from base sequences
+  BS(16, 15)), 732, 980 (Williamson(61), Williamson(49) × T-sequences), round 2, see ``tools/hadamard_tt_search.py``;
+* **Miyamoto's construction** (round 2, in code): order ``4q`` for a prime power ``q ≡ 1 (mod 4)`` from a
+  Hadamard matrix of order ``q - 1`` (292, 356, 436, 452, 596, 772, 932, 964 up to 1024);
 * **Kronecker products** ``H_a ⊗ H_b`` of constructible orders.
 
 **New base orders never replace an existing construction.**  The orders constructible before issue #22 (the
 *legacy* orders: 201 of them up to 1024) keep exactly their old matrix and old ``base_order``: they are resolved
 first with the legacy rules alone (Sylvester, Paley I/II, the 172 data file, Kronecker products of legacy
 orders).  Only an order that the legacy rules cannot reach is resolved with the new data files (and Kronecker
-products that may use them).  So ``base_order(368)`` stays 368 (Paley I, q = 367) although 368 = 92·4 and 92 is
-now constructible, and ``base_order`` is "the smallest constructible m" among the legacy orders for a legacy
-``n``, and among all orders for a new ``n``.  tests/data/hadamard_hashes.json pins the legacy matrices.
+products that may use them).  The rounds of issue #22 are further tiers of the same kind (:func:`_tier`): an order
+is resolved by the first round whose rules reach it, so round 2 changes nothing round 1 built (35344 = 188 · 188
+stays a Kronecker product although round 2 builds 8836 = 4 · 47² by Miyamoto).
+So ``base_order(368)`` stays 368 (Paley I, q = 367) although 368 = 92·4 and 92 is now constructible, and
+``base_order`` is "the smallest constructible m" among the orders of the first tier that reaches ``n``.  tests/data/hadamard_hashes.json pins the legacy matrices.
 
 Every constructible ``n`` is written ``n = m · 2^k`` with ``m = base_order(n)`` the smallest constructible order
 that leaves a power of two (subject to the legacy rule above), and
@@ -26,8 +32,8 @@ that leaves a power of two (subject to the legacy rule above), and
 
 The transform kernels rely on this: they apply ``H_m`` as a small dense matmul and ``H_{2^k}`` as a fast
 Walsh–Hadamard butterfly (see docs/ARCHITECTURE.md).  A base order ``m > 1`` is built by its *canonical*
-construction, chosen in this order: Paley I, Paley II, data file, Kronecker product of two constructible orders
-that are not powers of two (powers of two are the Sylvester factor's job; the first order that needs such a
+construction, chosen in this order: Paley I, Paley II, data file, Miyamoto, Kronecker product of two constructible
+orders that are not powers of two (powers of two are the Sylvester factor's job; the first order that needs such a
 product is 1904 = 28 · 68).
 docs/hadamard_orders.md lists which orders up to 1024 are covered.
 
@@ -61,9 +67,10 @@ _DATA_DIR = Path(__file__).with_name("data")
 # Base orders read from data files: order -> (file name, description).  See tools/search_order_172.py.
 # _LEGACY_DATA are the data files that existed before issue #22; their orders resolve with the legacy rules.
 _LEGACY_DATA = {172: ("goethals_seidel_172.txt", "goethals-seidel(43) [data file]")}
-# Orders added for issue #22 (tools/hadamard_gs_search.py, tools/hadamard_algebraic.py); used only for orders the
-# legacy rules cannot reach.
-_NEW_DATA = {
+# Orders added for issue #22, in rounds (tiers); an order is resolved by the first tier whose rules reach it, so a
+# later round never changes what an earlier one built (see _tier).  Round 1: tools/hadamard_gs_search.py,
+# tools/hadamard_algebraic.py.
+_ROUND1_DATA = {
     92: ("goethals_seidel_92.txt", "goethals-seidel(23) [data file: tabu search]"),
     116: ("goethals_seidel_116.txt", "goethals-seidel(29) [data file: tabu search]"),
     156: ("goethals_seidel_156.txt", "goethals-seidel(39) [data file: tabu search]"),
@@ -79,6 +86,23 @@ _NEW_DATA = {
     988: ("goethals_seidel_988.txt", "goethals-seidel(247) [data file: Williamson(19) × T-sequences(13)]"),
     1012: ("goethals_seidel_1012.txt", "goethals-seidel(253) [data file: Williamson(23) × T-sequences(11)]"),
 }
+# Round 2: data from tools/hadamard_algebraic.py on Turyn-type / base sequences (literature data or
+# tools/hadamard_tt_search.py)
+# and, in code, Miyamoto's construction (_miyamoto).
+_ROUND2_DATA = {
+    236: ("goethals_seidel_236.txt",
+          "goethals-seidel(59) [data file: T-sequences from Turyn-type TT(20), tabu search]"),
+    372: ("goethals_seidel_372.txt",
+          "goethals-seidel(93) [data file: Williamson(3) × T-sequences(31) from base sequences BS(16, 15), "
+          "tabu search]"),
+    428: ("goethals_seidel_428.txt", "goethals-seidel(107) [data file: T-sequences from Turyn-type TT(36)]"),
+    732: ("goethals_seidel_732.txt", "goethals-seidel(183) [data file: Williamson(61) × T-sequences(3)]"),
+    980: ("goethals_seidel_980.txt", "goethals-seidel(245) [data file: Williamson(49) × T-sequences(5)]"),
+}
+# Tier t >= 1: (data files new in tier t, whether Miyamoto's construction is a rule of tier t).  Tier 0 = legacy.
+_TIERS = ({}, (_ROUND1_DATA, False), (_ROUND2_DATA, True))
+_NEW_DATA = {**_ROUND1_DATA, **_ROUND2_DATA}
+
 _DATA_FILES = {**_LEGACY_DATA, **_NEW_DATA}
 
 
@@ -212,24 +236,67 @@ def _is_power_of_two(n: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _recipe(m: int) -> tuple | None:
-    """The canonical construction of order ``m`` as a base order (without a Sylvester factor on top), or None.
+def _tier(n: int) -> int | None:
+    """The first tier (0 = legacy rules, 1, 2 = the rounds of issue #22) whose rules construct order ``n``, or None.
 
-    ``("sylvester", m)`` for powers of two, ``("paley1", q)``, ``("paley2", q)``, ``("data", m)`` or
-    ``("kron", a, b)``.  Only cheap arithmetic: no matrix is built.  Legacy rules first (see the module
-    docstring): a new order never replaces an existing construction.
+    Each tier's rules include those of the tiers before it, so ``n`` is constructible in every tier from this one on;
+    ``n`` is built by the rules of this tier (and its factors by theirs), so adding a tier changes no earlier order.
     """
-    legacy = _legacy_recipe(m)
-    if legacy is not None or _legacy_base_order(m) is not None:
-        return legacy
-    if m in _NEW_DATA:
+    for t in range(len(_TIERS)):
+        if _chain_base(n, t) is not None:
+            return t
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _chain_base(n: int, t: int) -> int | None:
+    """The smallest ``m`` with ``n = m · 2^k`` that is a base order under the rules of tiers ``<= t``, or None."""
+    if t == 0:
+        return _legacy_base_order(n)
+    m = n // (n & -n)
+    while m <= n:
+        if _base_recipe(m, t) is not None:
+            return m
+        m *= 2
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _base_recipe(m: int, t: int) -> tuple | None:
+    """The construction of ``m`` as a base order under the rules of tiers ``<= t`` (None if it is not one).
+
+    An ``m`` already constructible in an earlier tier keeps that tier's recipe (None when it is not a base order
+    there: it is then reached by doubling a smaller base).  Otherwise the rules new in tier ``t``: its data files,
+    Miyamoto's construction (tier 2 on), then a Kronecker product of two orders constructible in tiers ``<= t``.
+    """
+    if t == 0:
+        return _legacy_recipe(m)
+    earlier = next((u for u in range(t) if _chain_base(m, u) is not None), None)
+    if earlier is not None:
+        return _base_recipe(m, earlier)
+    data, miyamoto = _TIERS[t]
+    if m in data:
         return ("data", m)
+    q = m // 4
+    if miyamoto and m % 8 == 4 and q % 4 == 1 and _prime_power(q) and _chain_base(q - 1, t) is not None:
+        return ("miyamoto", q)
     for a in range(12, math.isqrt(m) + 1, 4):
         b, rest = divmod(m, a)
         if rest == 0 and b % 4 == 0 and not _is_power_of_two(a) and not _is_power_of_two(b):
-            if base_order(a) is not None and base_order(b) is not None:
+            if _chain_base(a, t) is not None and _chain_base(b, t) is not None:
                 return ("kron", a, b)
     return None
+
+
+def _recipe(m: int) -> tuple | None:
+    """The canonical construction of order ``m`` as a base order (without a Sylvester factor on top), or None.
+
+    ``("sylvester", m)`` for powers of two, ``("paley1", q)``, ``("paley2", q)``, ``("data", m)``,
+    ``("miyamoto", q)`` or ``("kron", a, b)``.  Only cheap arithmetic: no matrix is built.  Resolved by the first
+    tier that reaches ``m`` (see :func:`_tier`): a new order never replaces an existing construction.
+    """
+    t = _tier(m)
+    return None if t is None else _base_recipe(m, t)
 
 
 @functools.lru_cache(maxsize=None)
@@ -288,15 +355,8 @@ def base_order(n: int) -> int | None:
     n = _integer(n, "base_order")
     if n < 1:
         return None
-    legacy = _legacy_base_order(n)
-    if legacy is not None:  # orders constructible before issue #22 keep their base order
-        return legacy
-    m = n // (n & -n)  # odd part; then try m, 2m, 4m, ... (smallest first)
-    while m <= n:
-        if _recipe(m) is not None:
-            return m
-        m *= 2
-    return None
+    t = _tier(n)  # orders constructible before a round of issue #22 keep their base order
+    return None if t is None else _chain_base(n, t)
 
 
 def is_constructible(n: int) -> bool:
@@ -336,7 +396,7 @@ def _order(n, name: str) -> int:
         why = "is not a Hadamard order (Hadamard matrices exist only for n = 1, 2 and multiples of 4)"
     else:
         why = ("is a multiple of 4 that no supported construction reaches "
-               "(Sylvester, Paley I/II, Kronecker products, stored data; see docs/hadamard_orders.md)")
+               "(Sylvester, Paley I/II, Miyamoto, Kronecker products, stored data; see docs/hadamard_orders.md)")
     raise ValueError(f"{name}: n={n} {why}; {_nearest_text(n - 1, n + 1)}. "
                      "Use a nearby order, or an orthogonal fallback for this size.")
 
@@ -358,6 +418,8 @@ def _describe_base(m: int) -> str:
         return f"paley2(q={args[0]})"
     if kind == "data":
         return _DATA_FILES[m][1]
+    if kind == "miyamoto":
+        return f"miyamoto(q={args[0]}; H({args[0] - 1}) = {construction(args[0] - 1)})"
     factors = [construction(f) for f in args]  # kron of two orders
     return " ⊗ ".join(f"({f})" if "⊗" in f else f for f in factors)
 
@@ -451,6 +513,59 @@ def _from_data_file(m: int, path: Path | str | None = None) -> np.ndarray:
     return h
 
 
+# Miyamoto's array: block (i, j) of H is [[s_ij, r_ij·1ᵀ], [r_ij·1, s_ij·T_ij]] with s = I + S and r = S - I for
+# the skew ±1 matrix S below (so s and r differ on the diagonal only).
+_MIYAMOTO_SKEW = np.array([[0, 1, 1, 1], [-1, 0, 1, -1], [-1, -1, 0, 1], [-1, 1, -1, 0]], dtype=np.int8)
+
+
+def _miyamoto(q: int) -> np.ndarray:
+    """Order 4q for a prime power q ≡ 1 mod 4 from a Hadamard matrix K of order q - 1 (M. Miyamoto, "A construction
+    of Hadamard matrices", J. Combin. Theory Ser. A 57 (1991) 86-108).
+
+    With Q the (symmetric) Jacobsthal matrix of GF(q), m = (q-1)/2 and the nonzero field elements split into
+    P = {x : χ(x) = 1} and N = {x : χ(x) = -1} (the first row of Q), let C1 = -Q[P, P], C2 = Q[P, N], C4 = Q[N, N]
+    and K = [[K1, K2], [-K3, K4]] in m×m blocks.  The 4m×4m matrices, in 4×4 arrays of m×m blocks,
+
+        U = [[C1, C2, 0, 0], [C2ᵀ, C4, 0, 0], [0, 0, C1, C2], [0, 0, C2ᵀ, C4]],
+        V = [[I, 0, K1, K2], [0, I, K3, K4], [K1ᵀ, K3ᵀ, I, 0], [K2ᵀ, K4ᵀ, 0, I]],
+
+    have disjoint supports; for each of their m×m blocks U_ij, V_ij the ±1 matrix T_ij = [[U_ij + V_ij, U_ij - V_ij],
+    [U_ij - V_ij, U_ij + V_ij]] has order 2m = q - 1, and H is the 4×4 array of bordered blocks
+    [[s_ij, r_ij 1ᵀ], [r_ij 1, s_ij T_ij]] of order q each (s, r: the sign tables above ``_MIYAMOTO_SKEW``).
+    Verified in integers (H Hᵀ = 4q I) here; raises AssertionError otherwise (a bug, never bad input).
+    """
+    m = (q - 1) // 2
+    field = _field(q)
+    chi_row = field.quadratic_character(field.sub(0, np.arange(q)))  # χ(0 - x) = first row of Q
+    pos = np.flatnonzero(chi_row == 1)
+    neg = np.flatnonzero(chi_row == -1)
+    order = np.concatenate([pos, neg])
+    jac = _jacobsthal(q).astype(np.int64)[np.ix_(order, order)]
+    c1, c2, c4 = -jac[:m, :m], jac[:m, m:], jac[m:, m:]
+    k = _hadamard_int8(q - 1).astype(np.int64)
+    k1, k2, k3, k4 = k[:m, :m], k[:m, m:], -k[m:, :m], k[m:, m:]
+    zero, eye = np.zeros((m, m), dtype=np.int64), np.eye(m, dtype=np.int64)
+    u = [[c1, c2, zero, zero], [c2.T, c4, zero, zero], [zero, zero, c1, c2], [zero, zero, c2.T, c4]]
+    v = [[eye, zero, k1, k2], [zero, eye, k3, k4], [k1.T, k3.T, eye, zero], [k2.T, k4.T, zero, eye]]
+    s = np.eye(4, dtype=np.int64) + _MIYAMOTO_SKEW
+    r = _MIYAMOTO_SKEW - np.eye(4, dtype=np.int64)
+    size = 2 * m + 1  # = q
+    h = np.empty((4 * q, 4 * q), dtype=np.int64)
+    for i in range(4):
+        for j in range(4):
+            plus, minus = u[i][j] + v[i][j], u[i][j] - v[i][j]
+            t = np.block([[plus, minus], [minus, plus]])
+            block = h[i * size:(i + 1) * size, j * size:(j + 1) * size]
+            block[0, 0] = s[i, j]
+            block[0, 1:] = r[i, j]
+            block[1:, 0] = r[i, j]
+            block[1:, 1:] = s[i, j] * t
+    hh = np.rint(h.astype(np.float64) @ h.T.astype(np.float64)).astype(np.int64)
+    if not (np.abs(h) == 1).all() or not np.array_equal(hh, 4 * q * np.eye(4 * q, dtype=np.int64)):
+        raise AssertionError(f"Miyamoto construction for q={q} did not give a Hadamard matrix")  # a bug
+    return h.astype(np.int8)
+
+
 @functools.lru_cache(maxsize=32)
 def _hadamard_int8(n: int) -> np.ndarray:
     """The Hadamard matrix of constructible order ``n`` as a read-only int8 array (cached; never mutate)."""
@@ -467,6 +582,8 @@ def _hadamard_int8(n: int) -> np.ndarray:
             h = _paley2(args[0])
         elif kind == "data":
             h = _from_data_file(m)
+        elif kind == "miyamoto":
+            h = _miyamoto(args[0])
         else:  # kron of two base orders
             h = np.kron(_hadamard_int8(args[0]), _hadamard_int8(args[1]))
     h.setflags(write=False)
