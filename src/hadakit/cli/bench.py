@@ -20,7 +20,7 @@ from hadakit.devices import device_name, resolve_device
 
 POW2_SIZES = [1 << k for k in range(6, 16)]
 M_SIZES = [384, 640, 10240, 12288, 14336, 20480, 28672]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 @dataclass

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     b.add_argument("--mib", type=float, default=None, help="tensor size in MiB (default 256 on GPU, 64 on CPU)")
     b.add_argument("--sizes", type=_int_list, default=None, help="comma-separated transform sizes")
-    b.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16,fp16 (default: all on GPU, fp32 on CPU)")
+    b.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16,fp16,fp64 (default: fp32,bf16,fp16 on GPU, fp32 on CPU)")
     b.add_argument("--ops", default=None, help="comma-separated: hadamard,randomized,block32,backward")
     b.add_argument("--reps", type=int, default=None, help="timed repetitions per point (median is reported)")
     b.add_argument("--out", default="hadakit-bench", help="output folder for the JSON and PNG")
