@@ -29,14 +29,18 @@ from hadakit.quantization.recipes import get_recipe  # noqa: E402
 
 VOCAB = 16000
 DIMS = dict(hidden=256, intermediate=768, layers=3, heads=4, kv_heads=2, vocab=VOCAB)  # ~21 MB of bf16
+SLIDING = 8  # the Gemma 3 model's sliding window: shorter than the windows below, so it masks something
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     out = {}
-    for arch in ("llama", "qwen2"):  # qwen2: q/k/v biases and tied embeddings
-        info = write_synthetic_model(root / arch, arch=arch, size=DIMS, shard_size="4MB", seed=3)
+    # qwen2: q/k/v biases and tied embeddings; gemma3: q/k norms, four norms a layer, a scaled tied embedding, and
+    # sliding-window layers (window 8, shorter than the calibration windows) before a global one
+    for arch in ("llama", "qwen2", "gemma3"):
+        info = write_synthetic_model(root / arch, arch=arch, size=DIMS, shard_size="4MB", seed=3,
+                                     sliding_window=SLIDING if arch == "gemma3" else None)
         assert info.shard_count > 2  # the layers really come from several shards
         out[arch] = info.path
     return out
@@ -70,6 +74,9 @@ def _in_memory(model_dir: Path, recipe, calib, out: Path):
     ("qwen2", "w4a4:random:gptq"),
     ("llama", "w4a16_g128:random:gptq:seq,fptarget"),
     ("qwen2", "w4a16_g128:random:rtn:store=bf16"),
+    ("gemma3", "w4a16_g128:random:rtn"),
+    ("gemma3", "w4a16_g128:none:gptq"),
+    ("gemma3", "w4a16_g128:random:gptq:seq,fptarget"),
 ])
 def test_streamed_checkpoint_is_bit_identical(models, tmp_path, arch, recipe):
     recipe = get_recipe(recipe)
@@ -90,6 +97,22 @@ def test_streamed_checkpoint_is_bit_identical(models, tmp_path, arch, recipe):
         assert torch.equal(loaded(ids).logits, load_quantized_model(tmp_path / "m")[0](ids).logits)
         if recipe.store_dtype is None:
             assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gemma3_model_has_sliding_and_global_layers(models):
+    """The Gemma 3 config the bit-exactness test streams: both layer kinds, and the sliding window changes the
+    outputs on windows longer than it (so the per-layer-type masks are exercised, not a no-op)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((models["gemma3"] / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["tie_word_embeddings"]
+    assert cfg["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention"]
+    model = AutoModelForCausalLM.from_pretrained(models["gemma3"], dtype=torch.float32)
+    wide = AutoModelForCausalLM.from_pretrained(models["gemma3"], dtype=torch.float32, sliding_window=64)
+    ids = _calib(1, 24)
+    with torch.no_grad():
+        a, b = model(ids).logits, wide(ids).logits
+    assert torch.equal(a[:, :SLIDING], b[:, :SLIDING]) and not torch.allclose(a, b)
 
 
 def test_comparison_can_fail(models, tmp_path):

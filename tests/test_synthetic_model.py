@@ -268,3 +268,24 @@ def test_bad_input_is_refused_before_writing(tmp_path, kwargs, err, match):
     with pytest.raises(err, match=match):
         write_synthetic_model(tmp_path / "m", **kwargs)
     assert os.listdir(tmp_path) == []
+
+
+def test_gemma3_shape(tmp_path):
+    """The Gemma-3-shaped synthetic model: Gemma3ForCausalLM with q/k norms and four norms a layer, tied
+    embeddings, sliding layers with a global one every sixth (the last one below six layers), parameter count exact."""
+    from hadakit.io.synthetic import gemma3_layer_types
+
+    assert gemma3_layer_types(2) == ["sliding_attention", "full_attention"]
+    assert [i for i, k in enumerate(gemma3_layer_types(18)) if k == "full_attention"] == [5, 11, 17]
+    dims = SyntheticDims(hidden=128, intermediate=256, layers=2, heads=2, kv_heads=1, vocab=1000)
+    info = write_synthetic_model(tmp_path / "g", arch="gemma3", size=dims, shard_size="1MB", sliding_window=4)
+    cfg = json.loads((info.path / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["sliding_window"] == 4 and info.tie_embeddings
+    names = json.loads((info.path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.1.self_attn.q_norm.weight" in names and "model.layers.0.pre_feedforward_layernorm.weight" \
+        in names and "lm_head.weight" not in names
+    assert info.parameter_count == parameter_count("gemma3", dims, True)
+    with pytest.raises(ValueError, match="only with arch='gemma3'"):
+        write_synthetic_model(tmp_path / "l", arch="llama", size=dims, sliding_window=4)
+    with pytest.raises(ValueError, match="tokenizer=True is not available for gemma3"):
+        write_synthetic_model(tmp_path / "t", arch="gemma3", size=dims, tokenizer=True)

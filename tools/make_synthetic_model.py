@@ -1,4 +1,4 @@
-"""Write a seeded synthetic Llama- or Qwen2-shaped Hugging Face model directory of a chosen size (random weights).
+"""Write a seeded synthetic Llama-, Qwen2- or Gemma-3-shaped HF model directory of a chosen size (random weights).
 
 For memory, time and exactness tests of hadakit on models larger than memory; random weights say nothing about
 accuracy. The model is written tensor by tensor, so a 12 GB model needs a few hundred MB of memory.
@@ -23,7 +23,8 @@ _DIMS = ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="the model directory to create (a new path, or a previous synthetic model with --force)")
-    p.add_argument("--arch", choices=("llama", "qwen2"), default="llama")
+    p.add_argument("--arch", choices=("llama", "qwen2", "gemma3"), default="llama")
+    p.add_argument("--sliding-window", type=int, default=None, help="gemma3: the sliding layers' window (default 512)")
     p.add_argument("--size", default=None, help="target size, e.g. 300MB, 12GB, 1.5GiB (default 300MB)")
     dims = p.add_argument_group("explicit dims instead of --size (all but --vocab required; vocab default 32000)")
     for d in _DIMS:
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = write_synthetic_model(args.out, arch=args.arch, size=size, dtype=args.dtype, seed=args.seed,
                                      shard_size=args.shard_size, tokenizer=args.tokenizer, tie_embeddings=args.tie,
-                                     force=args.force, progress=progress)
+                                     force=args.force, progress=progress,
+                                     sliding_window=args.sliding_window)
     except (ValueError, TypeError, FileExistsError, PermissionError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -47,13 +47,21 @@ from hadakit.outdir import write_dir_atomically
 from hadakit.quantization.pipeline import (CalibrationWindows, QuantizationReport, _replace, calibrate_layer,
                                            capture_window_inputs, prepare_calibration, release_free_memory,
                                            round_unquantized_parameters, start_layerwise)
+from hadakit.quantization.calibrate import BatchLogHessian
+from hadakit.quantization.gptq import HessianAccumulator
 from hadakit.quantization.qlinear import RotatedQuantLinear
 from hadakit.quantization.recipes import QuantRecipe, get_recipe
 from hadakit.quantization.structure import find_decoder_layers, find_linears
 
-__all__ = ["StreamingUnsupported", "ShardReader", "estimate_stream_memory", "stream_quantize"]
+__all__ = ["StreamingUnsupported", "ShardReader", "all_reduce_stats", "estimate_stream_memory", "hessian_batches",
+           "ordered_reduce_stats", "split_windows", "stream_quantize"]
 
 log = logging.getLogger(__name__)
+
+
+def _reduces_hessians(recipe: QuantRecipe) -> bool:
+    """Whether calibrating ``recipe`` records Hessians (GPTQ), whose one-process batches fix the rank split."""
+    return recipe.method == "gptq" and recipe.weight is not None
 
 
 class StreamingUnsupported(ValueError):
@@ -302,6 +310,81 @@ def all_reduce_stats(stats: dict) -> None:
         dist.all_reduce(st.asum)
 
 
+def hessian_batches(rows: list[int], flush_rows: int | None = None) -> list[tuple[int, int]]:
+    """The one-process Hessian batches of windows with ``rows[j]`` recorded rows each, as ``[start, end)`` window
+    ranges: :class:`~hadakit.quantization.gptq.HessianAccumulator` takes one Gram product whenever
+    ``flush_rows`` (default: its own) rows are pending, after the window that reaches it, and one of the rest."""
+    flush = HessianAccumulator.flush_rows if flush_rows is None else flush_rows
+    out, start, pending = [], 0, 0
+    for j, r in enumerate(rows):
+        pending += r
+        if pending >= flush:
+            out.append((start, j + 1))
+            start, pending = j + 1, 0
+    if start < len(rows):
+        out.append((start, len(rows)))
+    return out
+
+
+def split_windows(rows: list[int], world: int) -> list[tuple[int, int]] | None:
+    """Contiguous window ranges ``[a, b)`` of each of ``world`` ranks that start and end at one-process Hessian batch
+    boundaries (:func:`hessian_batches`), balanced by rows; None when there are fewer batches than ranks."""
+    batches = hessian_batches(rows)
+    if len(batches) < world:
+        return None
+    ends = [b for _, b in batches]
+    cum = [sum(rows[:b]) for b in ends]
+    total = sum(rows)
+    cuts, last = [0], 0
+    for r in range(1, world):
+        # the batch boundary closest to r/world of the rows, leaving at least one batch to each rank
+        lo, hi = last + 1, len(ends) - (world - r)
+        k = min(range(lo, hi + 1), key=lambda k: abs(cum[k - 1] - r * total / world))
+        cuts.append(ends[k - 1])
+        last = k
+    cuts.append(len(rows))
+    return list(zip(cuts, cuts[1:]))
+
+
+def ordered_reduce_stats(stats: dict) -> None:
+    """Reduce the calibration statistics of every rank, in place, so each Hessian is bit for bit the one-process one:
+    each rank's Hessians are :class:`~hadakit.quantization.calibrate.BatchLogHessian` with the per-batch Gram
+    products of its windows (ranks own contiguous runs of the one-process batches, :func:`split_windows`); rank 0
+    adds its batches to zero sums with the one-process float64 updates and sends the sums and row count to rank 1,
+    which adds its own and passes them on, and so on; the last rank broadcasts the result. Row counts are summed,
+    ``max|x|`` maxed and ``Σ|x|`` summed (those two are not ordered; the calibrated options that use them are refused
+    with more than one rank). Needs an initialized ``torch.distributed`` group."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for st in stats.values():
+        acc = st._hessian
+        if acc is not None:
+            if not isinstance(acc, BatchLogHessian):
+                raise TypeError("ordered_reduce_stats needs BatchLogHessian accumulators (LayerwiseState.log_batches)")
+            h = torch.zeros_like(acc._h)
+            c = torch.zeros_like(acc._c) if acc._c is not None else None
+            count = torch.zeros(1, dtype=torch.float64, device=h.device)
+            if rank > 0:
+                for t in (h, c, count):
+                    if t is not None:
+                        dist.recv(t, src=rank - 1)
+            count[0] = acc.replay(h, c, int(count.item()))
+            if rank + 1 < world:
+                for t in (h, c, count):
+                    if t is not None:
+                        dist.send(t, dst=rank + 1)
+            for t in (h, c, count):
+                if t is not None:
+                    dist.broadcast(t, src=world - 1)
+            acc._h, acc._c, acc.count = h, c, int(count.item())
+        count = torch.tensor([float(st.count)], dtype=torch.float64, device=st.amax.device)
+        dist.all_reduce(count)
+        st.count = int(count.item())
+        dist.all_reduce(st.amax, op=dist.ReduceOp.MAX)
+        dist.all_reduce(st.asum)
+
+
 class _Done(nn.Module):
     """Stands in the decoder stack for a layer that was quantized, written and freed."""
 
@@ -339,7 +422,7 @@ def stream_quantize(model_dir: str | Path, recipe: QuantRecipe | str, out_dir: s
                     device: str | torch.device = "cpu", force: bool = False, max_memory: int | None = None,
                     extra: dict | None = None, progress: Callable[[str], None] | None = None,
                     calib_source: str | None = "tokens", calib_path: str | None = None,
-                    distributed: bool | None = None) -> QuantizationReport:
+                    distributed: bool | None = None, ordered_reduction: bool = True) -> QuantizationReport:
     """Quantize the safetensors model directory ``model_dir`` layer by layer from disk and write the checkpoint to
     ``out_dir`` (see the module docstring); returns the :class:`QuantizationReport`.
 
@@ -356,9 +439,12 @@ def stream_quantize(model_dir: str | Path, recipe: QuantRecipe | str, out_dir: s
     contiguous block ``[r·n/W, (r+1)·n/W)`` of the ``n`` windows, its statistics are all-reduced before each fit
     (:func:`all_reduce_stats`), every rank computes the same quantized layer and then its own windows' outputs
     (the next layer's inputs), and rank 0 alone writes the checkpoint. Not with calibrated options (smooth, aclip,
-    learned transforms: their row samples are not reduced). The Hessian sums are added in another order than in one
-    process, so the checkpoint matches the one-process one to float64 rounding, not bit for bit (see
-    ``tests/test_distributed.py``).
+    learned transforms: their row samples are not reduced). With GPTQ and ``ordered_reduction`` (the default) the
+    ranks own contiguous runs of the one-process Hessian batches instead (:func:`split_windows`), keep each batch's
+    Gram product, and :func:`ordered_reduce_stats` adds them in the one-process order, so the checkpoint is bit for
+    bit the one-process one (``tests/test_distributed.py``); that costs one ``n×n`` float32 matrix per 4096 rows of
+    the rank's windows per recorded input (``docs/scaling.md``). ``ordered_reduction=False``, or fewer batches than
+    ranks: the even split and the all-reduce of per-rank Hessians, equal to the one-process ones to float rounding.
 
     The public entry points are :func:`hadakit.api.quantize_streamed` and ``hadakit quantize --stream``.
     """
@@ -420,7 +506,17 @@ def stream_quantize(model_dir: str | Path, recipe: QuantRecipe | str, out_dir: s
         report.calib_windows, report.calib_len = len(windows), windows.length
         report.calib_tokens, report.calib_padded = windows.tokens, windows.padded
         report.calib_source, report.calib_path = calib_source, calib_path
-        a, b = rank * len(windows) // world, (rank + 1) * len(windows) // world  # this rank's windows
+        split = None
+        if world > 1 and ordered_reduction and _reduces_hessians(recipe):
+            keeps = windows.keeps() or [None] * len(windows)
+            rows = [int(k.sum()) if k is not None else int(t.shape[-1]) for k, t in zip(keeps, windows.ids)]
+            split = split_windows(rows, world)
+            if split is None:
+                log.warning("%d calibration rows make fewer one-process Hessian batches (every %d rows) than %d "
+                            "ranks: the windows are split evenly and the Hessians all-reduced, equal to the "
+                            "one-process ones to float rounding, not bit for bit", sum(rows),
+                            HessianAccumulator.flush_rows, world)
+        a, b = split[rank] if split is not None else (rank * len(windows) // world, (rank + 1) * len(windows) // world)
         windows = CalibrationWindows([t.to(device) for t in windows.ids[a:b]],
                                      [m.to(device) if m is not None else None for m in windows.masks[a:b]],
                                      padded=windows.padded,
@@ -429,7 +525,8 @@ def stream_quantize(model_dir: str | Path, recipe: QuantRecipe | str, out_dir: s
             inputs, kwargs = capture_window_inputs(model, layers, windows)
         state = start_layerwise(recipe, inputs, kwargs, windows)
         if world > 1:
-            state.reduce = all_reduce_stats
+            state.reduce = ordered_reduce_stats if split is not None else all_reduce_stats
+            state.log_batches = split is not None
         inputs = kwargs = None
     recipe_bytes = recipe.to_json().encode("utf-8")
     bits = [0.0, 0]

