@@ -4,8 +4,10 @@
         --out docs/results/hadamard_conv
 
 Data: ``sklearn.datasets.load_digits()`` (1797 8×8 grey images, bundled with scikit-learn, no download), pixel values
-/ 16, standardized with the training mean / std; one fixed stratified split (``train_test_split(test_size=0.3,
-random_state=0)``: 1257 train, 540 test). Each seed sets the initialization and the batch order
+/ 16, standardized with the training mean / std; fixed stratified splits: test ``train_test_split(test_size=0.3,
+random_state=0)`` (540 images), then ``--val-fraction`` of the other 1257 held out for validation (``random_state=1``;
+default 0.2: 1005 train / 252 validation). Choose settings on the validation accuracy only. ``--shift`` adds random
+pixel-shift augmentation (both networks), ``--threshold-init`` sets HadamardConv2d's initial soft threshold. Each seed sets the initialization and the batch order
 (``torch.Generator``), not the split.
 
 Networks (same depth, same BN / ReLU / pooling / head):
@@ -49,16 +51,39 @@ from hadakit.devices import cpu_name
 
 
 
-def load_data():
+def load_data(val_fraction: float = 0.2):
+    """Fixed splits: test = train_test_split(test_size=0.3, random_state=0, stratify) as before (540 images); the
+    remaining 1257 are split again (test_size=val_fraction, random_state=1, stratify) into train / validation.
+    Standardized with the training part's mean / std. Settings are chosen on validation only."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32)
     xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=0.3, random_state=0, stratify=d.target)
+    xtr, xva, ytr, yva = train_test_split(xtr, ytr, test_size=val_fraction, random_state=1, stratify=ytr)
     mu, sd = xtr.mean(), xtr.std()
     t = lambda a: torch.from_numpy((a - mu) / sd).unsqueeze(1)  # noqa: E731
-    return t(xtr), torch.from_numpy(ytr).long(), t(xte), torch.from_numpy(yte).long()
+    lab = lambda a: torch.from_numpy(a).long()  # noqa: E731
+    return t(xtr), lab(ytr), t(xva), lab(yva), t(xte), lab(yte)
+
+
+def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int) -> torch.Tensor:
+    """Shift every image by a random integer offset in [-max_shift, max_shift]² (zero fill), drawn from g."""
+    if max_shift == 0:
+        return x
+    n, _, h, w = x.shape
+    k = max_shift
+    xp = F.pad(x, (k, k, k, k))
+    dy = torch.randint(0, 2 * k + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * k + 1, (n,), generator=g)
+    out = torch.empty_like(x)
+    for a in range(2 * k + 1):
+        for b in range(2 * k + 1):
+            m = (dy == a) & (dx == b)
+            if m.any():
+                out[m] = xp[m, :, a:a + h, b:b + w]
+    return out
 
 
 # (Cin, Cout, H, W) of the three 3x3 layers
@@ -66,7 +91,7 @@ LAYERS = ((1, 16, 8, 8), (16, 32, 8, 8), (32, 32, 4, 4))
 
 
 class Net(nn.Module):
-    def __init__(self, kind: str, paths: int = 1, keep_stem: bool = False):
+    def __init__(self, kind: str, paths: int = 1, keep_stem: bool = False, threshold_init: float = 0.0):
         super().__init__()
         self.kind = kind
         convs = []
@@ -74,7 +99,8 @@ class Net(nn.Module):
             if kind == "cnn" or (keep_stem and i == 0):
                 convs.append(nn.Conv2d(cin, cout, 3, padding=1, bias=False))
             else:
-                convs.append(HadamardConv2d(cin, h, w, out_channels=cout, paths=paths))
+                convs.append(HadamardConv2d(cin, h, w, out_channels=cout, paths=paths,
+                                            threshold_init=threshold_init))
         self.convs = nn.ModuleList(convs)
         self.bns = nn.ModuleList(nn.BatchNorm2d(c[1]) for c in LAYERS)
         self.fc = nn.Linear(LAYERS[-1][1], 10)
@@ -100,15 +126,15 @@ def count_cost(kind: str, paths: int = 1, keep_stem: bool = False) -> dict:
 
 
 def train(kind: str, seed: int, data, epochs: int, batch: int, lr: float, paths: int = 1,
-          keep_stem: bool = False) -> dict:
-    xtr, ytr, xte, yte = data
+          keep_stem: bool = False, threshold_init: float = 0.0, shift: int = 0) -> dict:
+    xtr, ytr, xva, yva, xte, yte = data
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():  # module init draws from the global RNG: seed it locally, restore it afterwards
         torch.manual_seed(seed)
-        model = Net(kind, paths, keep_stem)
+        model = Net(kind, paths, keep_stem, threshold_init)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    losses, accs = [], []
+    losses, vaccs, accs = [], [], []
     t0 = time.perf_counter()
     for _ in range(epochs):
         model.train()
@@ -116,7 +142,7 @@ def train(kind: str, seed: int, data, epochs: int, batch: int, lr: float, paths:
         tot = 0.0
         for i in range(0, len(xtr), batch):
             idx = perm[i:i + batch]
-            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+            loss = F.cross_entropy(model(random_shift(xtr[idx], g, shift)), ytr[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -125,8 +151,10 @@ def train(kind: str, seed: int, data, epochs: int, batch: int, lr: float, paths:
         losses.append(tot / len(xtr))
         model.eval()
         with torch.no_grad():
+            vaccs.append(100.0 * (model(xva).argmax(1) == yva).float().mean().item())
             accs.append(100.0 * (model(xte).argmax(1) == yte).float().mean().item())
-    return {"test_accuracy": accs[-1], "train_loss": losses, "test_accuracy_curve": accs,
+    return {"val_accuracy": vaccs[-1], "test_accuracy": accs[-1], "train_loss": losses,
+            "val_accuracy_curve": vaccs, "test_accuracy_curve": accs,
             "train_seconds": time.perf_counter() - t0,
             "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -141,23 +169,31 @@ def main(argv=None) -> int:
     ap.add_argument("--paths", type=int, default=1, help="paths of every HadamardConv2d")
     ap.add_argument("--kinds", default="cnn,hadamard")
     ap.add_argument("--keep-stem", action="store_true", help="keep the first (1-channel) 3x3 conv in the Hadamard net")
+    ap.add_argument("--threshold-init", type=float, default=0.0, help="initial soft threshold of HadamardConv2d")
+    ap.add_argument("--shift", type=int, default=0, help="training augmentation: random shifts up to this many "
+                                                          "pixels (both networks)")
+    ap.add_argument("--val-fraction", type=float, default=0.2, help="part of the 1257 training images held out for "
+                                                                     "validation (model selection)")
+    ap.add_argument("--stem", default="digits_cpu", help="output file stem")
     ap.add_argument("--out", default="docs/results/hadamard_conv")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    data = load_data()
+    data = load_data(args.val_fraction)
     res = {}
     for kind in args.kinds.split(","):
         res[kind] = {}
         for s in seeds:
-            r = train(kind, s, data, args.epochs, args.batch, args.lr, args.paths, args.keep_stem)
-            print(f"{kind:<9} seed {s}: test accuracy {r['test_accuracy']:.2f}%  ({r['train_seconds']:.1f}s)",
-                  flush=True)
+            r = train(kind, s, data, args.epochs, args.batch, args.lr, args.paths, args.keep_stem,
+                      args.threshold_init, args.shift)
+            print(f"{kind:<9} seed {s}: val accuracy {r['val_accuracy']:.2f}%  test accuracy "
+                  f"{r['test_accuracy']:.2f}%  ({r['train_seconds']:.1f}s)", flush=True)
             res[kind][str(s)] = r
     summary = {}
     for kind in res:
         accs = [res[kind][str(s)]["test_accuracy"] for s in seeds]
-        summary[kind] = {"accuracy": accs, "mean": statistics.fmean(accs),
+        vaccs = [res[kind][str(s)]["val_accuracy"] for s in seeds]
+        summary[kind] = {"val_accuracy": vaccs, "val_mean": statistics.fmean(vaccs), "accuracy": accs, "mean": statistics.fmean(accs),
                          "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "min": min(accs), "max": max(accs),
                          "parameters": res[kind][str(seeds[0])]["parameters"],
                          **count_cost(kind, args.paths, args.keep_stem),
@@ -170,7 +206,11 @@ def main(argv=None) -> int:
     cmd = "OMP_NUM_THREADS=1 python benchmarks/hadamard_conv_digits.py " + " ".join(argv or sys.argv[1:])
     result = {"device": f"cpu ({cpu})", "torch": torch.__version__, "threads": args.threads, "command": cmd,
               "seeds": seeds, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
-              "split": "train_test_split(test_size=0.3, random_state=0, stratify=y): 1257 train / 540 test",
+              "split": f"test: train_test_split(test_size=0.3, random_state=0, stratify=y) = 540; the other 1257 "
+                       f"split (test_size={args.val_fraction}, random_state=1, stratify) into {len(data[1])} train / "
+                       f"{len(data[3])} validation",
+              "threshold_init": args.threshold_init, "shift": args.shift, "paths": args.paths,
+              "keep_stem": args.keep_stem,
               "mac_rule": "3x3 conv: 9*Cin*Cout*H*W; Hadamard layer: Cin*H*W (scale) + Cin*Cout*H*W (1x1 mix); fast "
                           "2D WHT + inverse counted separately as additions; soft thresholds separately; fc "
                           "32*10 in both; BN/ReLU/pooling not counted (identical)",
@@ -178,16 +218,17 @@ def main(argv=None) -> int:
               "note": "shared 2-core machine; train_seconds are noisy and not a speed claim"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "digits_cpu"
+    stem = args.stem
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     c, h = summary["cnn"], summary["hadamard"]
     lines = [f"# HadamardConv2d vs 3×3 conv on scikit-learn digits — {cpu}, {args.threads} thread", "",
              f"Command: `{cmd}`. {args.epochs} epochs, batch {args.batch}, AdamW lr {args.lr} (cosine), fixed "
              f"split {result['split']}; seeds {seeds} set init and batch order.", "",
-             "| network | test accuracy per seed (%) | mean ± std | params | MACs / image | WHT additions | "
-             "soft thresholds |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| network | val accuracy mean (%) | test accuracy per seed (%) | mean ± std | params | MACs / image | "
+             "WHT additions | soft thresholds |", "|---|---:|---|---:|---:|---:|---:|---:|"]
     for name, s in (("cnn (3×3 convs)", c), ("hadamard (HadamardConv2d)", h)):
-        lines.append(f"| {name} | {', '.join(f'{a:.2f}' for a in s['accuracy'])} | {s['mean']:.2f} ± {s['std']:.2f} "
+        lines.append(f"| {name} | {s['val_mean']:.2f} | {', '.join(f'{a:.2f}' for a in s['accuracy'])} | "
+                     f"{s['mean']:.2f} ± {s['std']:.2f} "
                      f"| {s['parameters']:,} | {s['macs']:,} | {s['wht_additions']:,} | {s['soft_thresholds']:,} |")
     lines += ["", f"Accuracy gap (hadamard − cnn): {gap:+.2f} points; MACs ratio hadamard / cnn: "
               f"{h['macs'] / c['macs']:.3f} ({c['macs'] / h['macs']:.1f}× fewer).", "",

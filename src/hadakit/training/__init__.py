@@ -18,10 +18,14 @@ from .functional import fake_quantize_operand, lowp_matmul, quant_linear, quanti
 from .hadamard_conv import HadamardConv2d
 from .int4 import int4_xi_linear
 from .layers import ConvertReport, QuantLinear, convert
+from .lbp_wht import LbpWhtConfig, LbpWhtLinear, lbp_wht_flops, lbp_wht_linear
+from .qwha import (QWHAConfig, QWHALinear, QWHAReport, add_qwha, allocate_budget, effective_weight, merge_qwha,
+                   qwha_init, qwha_layers)
 from .recipe import (
     BACKENDS,
     SIGN_MODES,
     Int4XiRecipe,
+    LbpWhtRecipe,
     OperandConfig,
     ProductConfig,
     TrainingRecipe,
@@ -34,17 +38,31 @@ __all__ = [
     "ConvertReport",
     "HadamardConv2d",
     "Int4XiRecipe",
+    "LbpWhtConfig",
+    "LbpWhtLinear",
+    "LbpWhtRecipe",
     "OperandConfig",
     "ProductConfig",
+    "QWHAConfig",
+    "QWHALinear",
+    "QWHAReport",
     "QuantLinear",
     "SIGN_MODES",
     "TrainingRecipe",
+    "add_qwha",
+    "allocate_budget",
     "convert",
+    "effective_weight",
     "fake_quantize_operand",
     "get_training_recipe",
     "int4_xi_linear",
+    "lbp_wht_flops",
+    "lbp_wht_linear",
     "list_training_recipes",
     "lowp_matmul",
+    "merge_qwha",
     "quant_linear",
     "quantized_product",
+    "qwha_init",
+    "qwha_layers",
 ]

@@ -10,7 +10,8 @@ from torch import nn
 from .functional import quant_linear
 from hadakit.selection import check_patterns, matching_pattern
 
-from .recipe import TrainingRecipe, get_training_recipe
+from .lbp_wht import LbpWhtLinear, lbp_wht_linear
+from .recipe import LbpWhtRecipe, TrainingRecipe, get_training_recipe
 
 __all__ = ["ConvertReport", "QuantLinear", "convert"]
 
@@ -50,6 +51,8 @@ class QuantLinear(nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.recipe, LbpWhtRecipe):  # low-rank backprop: its own autograd function (lbp_wht.py)
+            return lbp_wht_linear(x, self.weight, self.bias, self.recipe.config)
         return quant_linear(x, self.weight, self.bias, self.recipe)
 
     def extra_repr(self) -> str:
@@ -91,7 +94,8 @@ def convert(model: nn.Module, recipe: TrainingRecipe | str | dict, ignore=(), *,
     (``"blocks.0.*"``, ``"*attn*"``), ``re:REGEX`` matches from the start, a class name matches its modules;
     ``targets`` empty means every linear. ``skip`` is the older name of ``ignore``. Subclasses of
     ``nn.Linear`` (e.g. ``MultiheadAttention.out_proj``, whose weight is used without calling the module) and layers
-    that already are QuantLinear are reported as skipped. Returns a :class:`ConvertReport`, printed when
+    that already are QuantLinear are reported as skipped. An :class:`~hadakit.training.LbpWhtRecipe` (``"lbp_wht"``,
+    ``"lbp_wht:8"``) swaps in :class:`~hadakit.training.LbpWhtLinear` instead (same sharing). Returns a :class:`ConvertReport`, printed when
     ``verbose``. A model that is itself an ``nn.Linear`` cannot be replaced in place: use
     ``QuantLinear.from_linear``.
     """
@@ -115,6 +119,9 @@ def convert(model: nn.Module, recipe: TrainingRecipe | str | dict, ignore=(), *,
         if isinstance(module, QuantLinear):
             report.skipped.append((name, f"already QuantLinear ({module.recipe.name or 'custom recipe'})"))
             continue
+        if isinstance(module, LbpWhtLinear):
+            report.skipped.append((name, "already LbpWhtLinear"))
+            continue
         if type(module) is not nn.Linear:
             report.skipped.append((name, f"{type(module).__name__} is a subclass of nn.Linear"))
             continue
@@ -127,7 +134,10 @@ def convert(model: nn.Module, recipe: TrainingRecipe | str | dict, ignore=(), *,
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, QuantLinear.from_linear(module, recipe))
+        if isinstance(recipe, LbpWhtRecipe):
+            setattr(parent, attr, LbpWhtLinear.from_linear(module, recipe.config))
+        else:
+            setattr(parent, attr, QuantLinear.from_linear(module, recipe))
         report.swapped.append((name, module.in_features, module.out_features, module.bias is not None))
     unused = [p for p in ignore if not any(r[1] == f"matches ignore pattern {p!r}" for r in report.skipped)]
     if unused and verbose:

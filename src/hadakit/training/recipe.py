@@ -34,9 +34,12 @@ from hadakit.formats import QuantScheme, get_scheme
 from hadakit.transforms import nearest_supported, supported
 from hadakit.transforms.spec import parse_rotation
 
+from .lbp_wht import LbpWhtConfig
+
 __all__ = [
     "BACKENDS",
     "Int4XiRecipe",
+    "LbpWhtRecipe",
     "OperandConfig",
     "ProductConfig",
     "SIGN_MODES",
@@ -372,6 +375,8 @@ class TrainingRecipe:
             raise TypeError(f"TrainingRecipe.from_dict expects a dict, got {type(d).__name__}")
         if d.get("kind") == Int4XiRecipe.KIND and cls is TrainingRecipe:
             return Int4XiRecipe.from_dict(d)
+        if d.get("kind") == LbpWhtRecipe.KIND and cls is TrainingRecipe:
+            return LbpWhtRecipe.from_dict(d)
         _unknown_keys(d, cls)
         return cls(**d)
 
@@ -486,6 +491,73 @@ class Int4XiRecipe(TrainingRecipe):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# LBP-WHT: low-rank backpropagation with the Walsh-Hadamard transform (hadakit.training.lbp_wht)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LbpWhtRecipe(TrainingRecipe):
+    """Low-rank backpropagation with the WHT (Yang et al., NeurIPS 2023; :mod:`hadakit.training.lbp_wht`): exact
+    forward, backward products projected onto ``rank`` Walsh-Hadamard basis vectors along the token axis.
+    :func:`~hadakit.training.convert` swaps the targeted linears for
+    :class:`~hadakit.training.LbpWhtLinear` with :attr:`config`.
+
+    Args: ``rank``, ``selection``, ``project``, ``padding``: see :class:`~hadakit.training.LbpWhtConfig`.
+    The product fields stay plain (no quantization); do not pass them.
+    """
+
+    KIND = "lbp_wht"
+    rank: int | float = 0.25
+    selection: str = "low_pass"
+    project: str = "both"
+    padding: str = "pow2"
+
+    def __post_init__(self):
+        for p in PRODUCTS:
+            if _product(getattr(self, p), f"LbpWhtRecipe.{p}") != ProductConfig():
+                raise ValueError(f"LbpWhtRecipe.{p}: LBP-WHT runs plain (unquantized) products; do not pass {p}")
+        object.__setattr__(self, "_config", LbpWhtConfig(rank=self.rank, selection=self.selection,
+                                                         project=self.project, padding=self.padding))
+        super().__post_init__()
+
+    @property
+    def config(self) -> LbpWhtConfig:
+        """The layer config (:class:`~hadakit.training.LbpWhtConfig`)."""
+        return self._config
+
+    @property
+    def plain(self) -> bool:
+        return False
+
+    def describe(self) -> str:
+        r = f"{self.rank} basis vectors" if isinstance(self.rank, int) else f"{self.rank:g} of the tokens"
+        grads = "weight and input gradients" if self.project == "both" else "weight gradient (input gradient exact)"
+        lines = [f"recipe {self.name or '(custom)'} (LBP-WHT, Yang et al. 2023; own autograd function)"]
+        if self.description:
+            lines.append(f"  {self.description}")
+        lines.append(f"  forward     exact (nn.Linear)")
+        lines.append(f"  backward    {grads} projected on {r} ({self.selection} WHT basis along tokens, "
+                     f"padding {self.padding})")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.KIND, "rank": self.rank, "selection": self.selection, "project": self.project,
+                "padding": self.padding, "backend": self.backend, "name": self.name,
+                "description": self.description}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LbpWhtRecipe":
+        if not isinstance(d, dict):
+            raise TypeError(f"LbpWhtRecipe.from_dict expects a dict, got {type(d).__name__}")
+        d = dict(d)
+        kind = d.pop("kind", cls.KIND)
+        if kind != cls.KIND:
+            raise ValueError(f"LbpWhtRecipe.from_dict: kind must be {cls.KIND!r}, got {kind!r}")
+        _unknown_keys(d, cls)
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Named recipes
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -536,6 +608,10 @@ def _build_recipes() -> dict[str, TrainingRecipe]:
                      description="Xi et al. 2023 INT4 training: Hadamard quantizer forward (block-32 HT, INT4 per "
                                  "token / channel), bit-split output gradient, leverage-score sampled weight "
                                  "gradient"),
+        # Added with hadakit.training.lbp_wht (issue #23 item 2); "lbp_wht:8" / "lbp_wht:0.5" set the rank.
+        LbpWhtRecipe(name="lbp_wht",
+                     description="Yang et al. 2023 LBP-WHT: exact forward; weight and input gradients projected on "
+                                 "the lowest-sequency quarter of the WHT basis along the tokens"),
         R(P(i4t, i4t), P(i4t, i4t), P(i4t, i4t), name="int4_naive",
           description="negative control: INT4 with one per-tensor amax scale in all three products, nearest "
                       "rounding, no rotation"),
@@ -560,6 +636,18 @@ def get_training_recipe(name, /, **changes) -> TrainingRecipe:
         recipe = TrainingRecipe.from_dict(name)
     elif isinstance(name, str):
         key = name.strip().lower().replace("-", "_")
+        if key.startswith(LbpWhtRecipe.KIND + ":"):  # "lbp_wht:8" (basis vectors) or "lbp_wht:0.25" (fraction)
+            arg = key.split(":", 1)[1]
+            try:
+                rank = int(arg) if arg.isdigit() else float(arg)
+            except ValueError:
+                raise ValueError(f"training recipe {name!r}: the rank after 'lbp_wht:' must be an int (basis "
+                                 f"vectors, e.g. 'lbp_wht:8') or a fraction (e.g. 'lbp_wht:0.25')") from None
+            recipe = _RECIPES[LbpWhtRecipe.KIND].replace(
+                rank=rank, name=name.strip(),
+                description=f"Yang et al. 2023 LBP-WHT: exact forward; weight and input gradients projected on "
+                            f"{rank} lowest-sequency WHT basis vectors along the tokens")
+            return recipe.replace(**changes) if changes else recipe
         if key not in _RECIPES:
             raise ValueError(f"unknown training recipe {name!r}; available: {', '.join(_RECIPES)} "
                              f"(or build a TrainingRecipe)")
