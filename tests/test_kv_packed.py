@@ -329,8 +329,8 @@ def test_bad_inputs_raise():
         KVCacheConfig.from_dict({"nbits": 2})
     with pytest.raises(ValueError, match="token_group_size"):
         PackedKVLayer(KVCacheConfig(token_group_size=24)).update(torch.randn(1, 1, 4, 64), torch.randn(1, 1, 4, 64))
-    with pytest.raises(ValueError, match="Hadamard"):  # 236: no Hadamard matrix known to hadakit
-        PackedKVLayer(KVCacheConfig(rotation="hadamard")).update(torch.randn(1, 1, 4, 236), torch.randn(1, 1, 4, 236))
+    with pytest.raises(ValueError, match="Hadamard"):  # 18 is not a multiple of 4: no Hadamard matrix can exist
+        PackedKVLayer(KVCacheConfig(rotation="hadamard")).update(torch.randn(1, 1, 4, 18), torch.randn(1, 1, 4, 18))
     with pytest.raises(ValueError, match="codebook"):
         PackedKVCache(KVCacheConfig(method="nsnquant", vq_dim=4), codebooks={"key": torch.randn(16, 4)})
     with pytest.raises(TypeError, match="KVCacheConfig"):

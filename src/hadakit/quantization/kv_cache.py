@@ -15,12 +15,21 @@ draw most of the attention mass and carry the largest keys) — stay in full pre
 calibrated offline, ``x̂ = Q(x − μ) + μ``. Keys carry a large common offset (on Gemma 3 270M the mean key is as long
 as the typical deviation from it, up to 2.3× longer), which per-token scales otherwise spend their few levels on;
 the center costs one stored vector per layer (in a kernel: the constant ``q·μ`` added to every logit of a query).
+
+``cache_config`` (a :class:`~hadakit.quantization.kv_packed.KVCacheConfig`: KIVI per-channel keys, NSNQuant vector
+codebooks, RotateKV channel order / block Hadamard / sinks, with its residual window and blocks): instead of a
+per-token scheme, the keys and values are quantized exactly as :class:`~hadakit.quantization.kv_packed.PackedKVCache`
+stores them, and each query attends the way it would in **token-by-token decoding** through that cache: a query at
+position ``i`` sees the quantized keys/values of positions ``packed_range(i, config)`` and the full-precision ones
+elsewhere (sinks, the residual window, itself). A full-sequence forward (perplexity) therefore equals decoding with
+the real cache (tested to float rounding). Pre-RoPE configs need the real cache (this path sees keys after RoPE).
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,10 +43,12 @@ ATTN_NAME = "hadakit_kv"
 
 @dataclass(frozen=True)
 class KVQuantizer:
-    scheme: QuantScheme
+    scheme: QuantScheme | None
     rotate: bool
     inner: str  # the attention implementation the model used before ("sdpa", "eager", ...)
     sink_tokens: int = 0  # leading positions kept in full precision
+    cache: Any = None  # a kv_packed.KVCacheConfig: quantize as the packed cache does, attend as in decoding
+    codebooks: Any = None  # its nsnquant codebooks {"key": ..., "value": ...} (None: the Gaussian ones)
 
     def _quantize(self, t: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
         if center is not None:
@@ -70,10 +81,47 @@ def _inner_attention(module: nn.Module, name: str):
 K_CENTER, V_CENTER = "hadakit_k_center", "hadakit_v_center"  # buffer names on the attention modules
 
 
+def _decode_exact_attention(module, quant: KVQuantizer, query, key, value, attention_mask, scaling=None,
+                            dropout=0.0, sliding_window=None, softcap=None, **kwargs):
+    """Eager attention in which query ``i`` (absolute position ``key_len − q_len + i``) sees the packed cache's
+    quantized keys/values at ``packed_range(position, config)`` and full precision elsewhere."""
+    from hadakit.quantization.kv_packed import fake_quantize_kv
+
+    cfg = quant.cache
+    kq, vq = fake_quantize_kv(key, value, cfg, quant.codebooks, layer_idx=getattr(module, "layer_idx", 0) or 0)
+    rep = query.shape[1] // key.shape[1]
+    k, v, kq, vq = (t.repeat_interleave(rep, dim=1) if rep > 1 else t for t in (key, value, kq, vq))
+    n_q, n_k = query.shape[-2], key.shape[-2]
+    pos = torch.arange(n_k - n_q, n_k, device=query.device)
+    j = torch.arange(n_k, device=query.device)
+    s, g, r = cfg.sink_tokens, cfg.group_size, cfg.residual_length
+    end = s + g * torch.clamp((pos - s - r) // g, min=0)  # packed_range(pos) = [min(s, pos), end) for pos >= s
+    quantized = (j[None, :] >= min(s, n_k)) & (j[None, :] < end[:, None]) & (pos[:, None] >= s)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.where(quantized, query @ kq.transpose(-1, -2), query @ k.transpose(-1, -2)) * scaling
+    softcap = softcap if softcap is not None else getattr(module, "attn_logit_softcapping", None)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        m = attention_mask[..., :n_k]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
+    else:  # the model left masking to the attention: causal (and its sliding window)
+        hidden = j[None, :] > pos[:, None]
+        if sliding_window:
+            hidden = hidden | (pos[:, None] - j[None, :] >= sliding_window)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    p = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    out = (p * ~quantized) @ v + (p * quantized) @ vq
+    return out.transpose(1, 2).contiguous(), p
+
+
 def _kv_attention(module, query, key, value, attention_mask, **kwargs):
     quant: KVQuantizer | None = getattr(module, "_hadakit_kv", None)
     if quant is None:
         return _inner_attention(module, "sdpa")(module, query, key, value, attention_mask, **kwargs)
+    if quant.cache is not None and getattr(module, "_hadakit_kv_record", None) is None:
+        return _decode_exact_attention(module, quant, query, key, value, attention_mask, **kwargs)
     record = getattr(module, "_hadakit_kv_record", None)
     if record is not None:  # calibration pass: accumulate sums of the full-precision keys and values
         skip = max(1, quant.sink_tokens)
@@ -103,11 +151,35 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def install_kv_quantization(model: nn.Module, scheme, *, rotate: bool = True, sink_tokens: int = 0) -> int:
+def install_kv_quantization(model: nn.Module, scheme=None, *, rotate: bool = True, sink_tokens: int = 0,
+                            cache_config=None, codebooks: dict[str, torch.Tensor] | None = None) -> int:
     """Quantize the KV cache of ``model`` with ``scheme`` (per head/token along head_dim); returns the number of
     attention modules covered. ``sink_tokens`` leading positions stay in full precision. Raises ValueError for a
-    model whose attention hadakit cannot reach."""
-    scheme = get_scheme(scheme)
+    model whose attention hadakit cannot reach.
+
+    ``cache_config``: a :class:`~hadakit.quantization.kv_packed.KVCacheConfig` (or its string form) instead of
+    ``scheme``: keys and values are quantized as the packed cache stores them and attended as in token-by-token
+    decoding through it (module docstring); ``scheme`` and ``rotate`` are then not used, ``sink_tokens`` must be 0
+    (the config has its own), and ``codebooks`` are its nsnquant codebooks (default: the Gaussian ones)."""
+    if cache_config is not None:
+        from hadakit.quantization.kv_packed import KVCacheConfig, PackedKVLayer
+
+        if isinstance(cache_config, str):
+            cache_config = KVCacheConfig.from_string(cache_config)
+        if not isinstance(cache_config, KVCacheConfig):
+            raise TypeError(f"cache_config must be a KVCacheConfig or its string form, got "
+                            f"{type(cache_config).__name__}")
+        if cache_config.pre_rope:
+            raise ValueError("cache_config has pre_rope=True: the attention interface only sees keys after RoPE; "
+                             "evaluate pre-RoPE configs with PackedKVCache inside kv_packed.pre_rope_attention(model)")
+        if sink_tokens:
+            raise ValueError(f"sink_tokens={sink_tokens} with cache_config: set KVCacheConfig.sink_tokens instead")
+        PackedKVLayer(cache_config, codebooks)  # validate the codebooks now
+        scheme = None
+    else:
+        if codebooks is not None:
+            raise ValueError("codebooks are for cache_config (nsnquant); a scheme does not use them")
+        scheme = get_scheme(scheme)
     if sink_tokens < 0:
         raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
     mods = attention_modules(model)
@@ -119,10 +191,15 @@ def install_kv_quantization(model: nn.Module, scheme, *, rotate: bool = True, si
     _register()
     for name, mod in mods:
         head_dim = _head_dim(mod)
-        if rotate and not supported(head_dim):
-            raise ValueError(f"{name}: head_dim {head_dim} has no Hadamard matrix; use kv_rotation=False")
         current = mod.config._attn_implementation
         inner = current if current != ATTN_NAME else getattr(mod, "_hadakit_kv").inner
+        if cache_config is not None:
+            cache_config.check_head_dim(head_dim)
+            cache_config.order_for(getattr(mod, "layer_idx", 0) or 0)
+            mod._hadakit_kv = KVQuantizer(None, False, inner or "sdpa", 0, cache_config, codebooks)
+            continue
+        if rotate and not supported(head_dim):
+            raise ValueError(f"{name}: head_dim {head_dim} has no Hadamard matrix; use kv_rotation=False")
         if scheme.granularity == "group" and head_dim % scheme.group_size:
             raise ValueError(f"{name}: KV group size {scheme.group_size} does not divide head_dim {head_dim}")
         mod._hadakit_kv = KVQuantizer(scheme, rotate, inner or "sdpa", sink_tokens)
@@ -140,6 +217,9 @@ def calibrate_kv_centers(model: nn.Module, windows: torch.Tensor) -> int:
     mods = [m for _, m in attention_modules(model) if getattr(m, "_hadakit_kv", None) is not None]
     if not mods:
         raise ValueError("calibrate_kv_centers: install_kv_quantization first")
+    if any(m._hadakit_kv.cache is not None for m in mods):
+        raise ValueError("calibrate_kv_centers: the KV quantization uses a cache_config (KIVI/NSNQuant/RotateKV), "
+                         "which has no centers; drop kvcenter")
     for m in mods:
         m._hadakit_kv_record = []
     body = getattr(model, "base_model", model)  # skip the LM head: only the attention inputs matter here

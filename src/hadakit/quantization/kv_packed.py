@@ -33,6 +33,13 @@ Methods:
   from the paper where stated: the channel mean is taken per block of G tokens (each flushed block carries its own
   mean), and ``vq_dim`` is a free choice (8 → 2^8 codes at 1 bit, 2^16 at 2 bits; 4 → 2^8 codes at 2 bits).
 
+* RotateKV options (Su et al., arXiv 2501.16383), for either method: ``channel_order`` — an outlier-aware
+  permutation of the key channels per layer, fitted on calibration keys by :func:`fit_channel_order`, applied before
+  the (block, ``rotation_block``) Hadamard and undone after it; ``pre_rope`` — keys are stored *before* RoPE and
+  RoPE is applied to the dequantized keys (the model runs inside :func:`pre_rope_attention`, which hands the cache
+  pre-RoPE keys and the rotary tables); ``sink_tokens`` — leading tokens in full precision. RotateKV's grouped-head
+  rotation mixes the channels of a group of KV heads; with one KV head (Gemma 3 270M) it is the per-head Hadamard.
+
 :func:`fake_quantize_kv` applies the same quantization to whole tensors (no packing), as the cache holds them after
 all their tokens, and :func:`packed_range` says which positions that quantized.
 
@@ -52,9 +59,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+import sys
+import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,10 +79,13 @@ __all__ = [
     "KVCacheConfig",
     "PackedKVCache",
     "PackedKVLayer",
+    "apply_rope",
     "fake_quantize_kv",
+    "fit_channel_order",
     "fit_codebook",
     "gaussian_codebook",
     "packed_range",
+    "pre_rope_attention",
 ]
 
 METHODS = ("kivi", "nsnquant")
@@ -101,6 +115,12 @@ class KVCacheConfig:
         seed: seed of the signs (and of the default Gaussian codebook).
         vq_dim: nsnquant vector length (must divide head_dim).
         scale_dtype: ``"float16"`` or ``"bfloat16"`` for scales, zero points, norms and means.
+        rotation_block: size of the Hadamard blocks along head_dim (block-diagonal transform); 0 = head_dim.
+        channel_order: RotateKV's outlier-aware channel reordering of the **keys**, applied before the rotation and
+            undone after it: ``()`` (none), one permutation of ``range(head_dim)`` for every layer, or one per
+            decoder layer (``new[..., i] = old[..., order[i]]``); fit one with :func:`fit_channel_order`.
+        pre_rope: store keys *before* RoPE and apply RoPE after dequantization (RotateKV). The model must run
+            inside :func:`pre_rope_attention`, which hands the cache its pre-RoPE keys and the rotary tables.
 
     The string form ``str(cfg)`` is ``"key=value,..."`` and :meth:`from_string` reads it back.
 
@@ -125,6 +145,9 @@ class KVCacheConfig:
     seed: int = 0
     vq_dim: int = 8
     scale_dtype: str = "float16"
+    rotation_block: int = 0
+    channel_order: tuple[tuple[int, ...], ...] = ()
+    pre_rope: bool = False
 
     def __post_init__(self):
         def _int(name, lo, hi=None):
@@ -150,8 +173,11 @@ class KVCacheConfig:
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"KVCacheConfig.scale_dtype must be one of {tuple(SCALE_DTYPES)}, "
                              f"got {self.scale_dtype!r}")
-        if not isinstance(self.random_signs, bool):
-            raise TypeError(f"KVCacheConfig.random_signs must be a bool, got {self.random_signs!r}")
+        for name in ("random_signs", "pre_rope"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"KVCacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        _int("rotation_block", 0)
+        object.__setattr__(self, "channel_order", _check_orders(self.channel_order))
         rotation = self.rotation
         if rotation is None:
             rotation = "hadamard" if self.method == "nsnquant" else "none"
@@ -193,16 +219,19 @@ class KVCacheConfig:
         return cls(**d)
 
     def __str__(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in self.to_dict().items())
+        d = self.to_dict()
+        d["channel_order"] = "|".join(".".join(map(str, o)) for o in self.channel_order)
+        return ",".join(f"{k}={v}" for k, v in d.items())
 
     @classmethod
     def from_string(cls, s: str) -> KVCacheConfig:
-        """Parse ``"key=value,..."`` (the form ``str(cfg)`` writes; omitted fields take their defaults)."""
+        """Parse ``"key=value,..."`` (the form ``str(cfg)`` writes; omitted fields take their defaults). ``;`` is
+        accepted as a separator too (for embedding in strings that use commas themselves)."""
         if not isinstance(s, str):
             raise TypeError(f"KVCacheConfig.from_string needs a str, got {type(s).__name__}")
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         out: dict[str, Any] = {}
-        for part in filter(None, (p.strip() for p in s.split(","))):
+        for part in filter(None, (p.strip() for p in s.replace(";", ",").split(","))):
             if "=" not in part:
                 raise ValueError(f"KVCacheConfig.from_string: {part!r} is not 'key=value'; write e.g. "
                                  f"'method=kivi,key_bits=2'")
@@ -210,7 +239,13 @@ class KVCacheConfig:
             if k not in types:
                 raise ValueError(f"KVCacheConfig.from_string: unknown field {k!r}; known fields are {sorted(types)}")
             t = str(types[k])
-            if k == "rotation" and v == "None":
+            if k == "channel_order":
+                try:
+                    out[k] = tuple(tuple(int(i) for i in o.split(".")) for o in v.split("|")) if v else ()
+                except ValueError:
+                    raise ValueError(f"KVCacheConfig.from_string: channel_order must be permutations written "
+                                     f"'3.0.1.2|...' (layers separated by '|'), got {v[:40]!r}") from None
+            elif k == "rotation" and v == "None":
                 out[k] = None
             elif t == "int":
                 try:
@@ -226,6 +261,17 @@ class KVCacheConfig:
         return cls(**out)
 
     # --- derived -------------------------------------------------------------------------------------------------
+    def order_for(self, layer_idx: int) -> tuple[int, ...] | None:
+        """The key channel order of decoder layer ``layer_idx`` (None when there is none)."""
+        if not self.channel_order:
+            return None
+        if len(self.channel_order) == 1:
+            return self.channel_order[0]
+        if not 0 <= layer_idx < len(self.channel_order):
+            raise ValueError(f"KVCacheConfig.channel_order holds {len(self.channel_order)} layers, layer {layer_idx} "
+                             f"was asked for; fit one order per decoder layer (or a single shared one)")
+        return self.channel_order[layer_idx]
+
     def quantizes(self, kind: str) -> bool:
         """Whether ``kind`` ("key"/"value") is quantized (kivi bits 16 means stored as is)."""
         return (self.key_bits if kind == "key" else self.value_bits) != 16
@@ -238,6 +284,14 @@ class KVCacheConfig:
                              f"{head_dim}; use a divisor of it or 0 (the whole head)")
         if self.rotation == "hadamard" and not supported(head_dim):
             raise ValueError(f"head_dim {head_dim} has no Hadamard matrix; use rotation='none'")
+        rb = self.rotation_block
+        if rb and (head_dim % rb or (self.rotation == "hadamard" and not supported(rb))):
+            raise ValueError(f"KVCacheConfig.rotation_block={rb} must divide head_dim {head_dim} and have a Hadamard "
+                             f"matrix; use a power of two dividing it, or 0 (the whole head)")
+        for i, order in enumerate(self.channel_order):
+            if len(order) != head_dim:
+                raise ValueError(f"KVCacheConfig.channel_order[{i}] has {len(order)} entries, head_dim is {head_dim}; "
+                                 f"fit it on keys of this model (fit_channel_order)")
         if self.method == "nsnquant" and head_dim % self.vq_dim:
             raise ValueError(f"KVCacheConfig.vq_dim={self.vq_dim} does not divide head_dim {head_dim}; pick a "
                              f"divisor such as 8 or 4")
@@ -245,6 +299,26 @@ class KVCacheConfig:
             if b != 16 and (head_dim * b) % 8:
                 raise ValueError(f"head_dim {head_dim} × {b} bits is not a whole number of bytes per token; use "
                                  f"a head_dim that is a multiple of 8")
+
+
+def _check_orders(orders) -> tuple[tuple[int, ...], ...]:
+    if orders is None:
+        return ()
+    if not isinstance(orders, (tuple, list)):
+        raise TypeError(f"KVCacheConfig.channel_order must be a tuple of permutations, got {type(orders).__name__}")
+    if orders and all(isinstance(i, int) and not isinstance(i, bool) for i in orders):
+        orders = (orders,)  # a single permutation shared by all layers
+    out = []
+    for i, o in enumerate(orders):
+        if not isinstance(o, (tuple, list)) or not all(isinstance(j, int) and not isinstance(j, bool) for j in o):
+            raise TypeError(f"KVCacheConfig.channel_order[{i}] must be a sequence of ints")
+        if sorted(o) != list(range(len(o))):
+            raise ValueError(f"KVCacheConfig.channel_order[{i}] is not a permutation of range({len(o)}); fit one "
+                             f"with fit_channel_order(...)")
+        out.append(tuple(o))
+    if len({len(o) for o in out}) > 1:
+        raise ValueError("KVCacheConfig.channel_order: permutations of different lengths; all layers share head_dim")
+    return tuple(out)
 
 
 def packed_range(length: int, config: KVCacheConfig) -> tuple[int, int]:
@@ -269,16 +343,51 @@ def _signs(config: KVCacheConfig, head_dim: int, device) -> torch.Tensor | None:
     return _signs_cpu(head_dim, config.seed).to(device) if config.random_signs else None
 
 
-def _rotate(x: torch.Tensor, config: KVCacheConfig) -> torch.Tensor:
+def _rotate(x: torch.Tensor, config: KVCacheConfig, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Reorder channels (``order``, keys only), then the (block) Hadamard with optional signs."""
+    if order is not None:
+        x = x[..., order.to(x.device)]
     if config.rotation == "none":
         return x
-    return hadamard_transform(x, signs=_signs(config, x.shape[-1], x.device))
+    return hadamard_transform(x, signs=_signs(config, x.shape[-1], x.device), block_size=config.rotation_block or None)
 
 
-def _unrotate(x: torch.Tensor, config: KVCacheConfig) -> torch.Tensor:
-    if config.rotation == "none":
-        return x
-    return inverse_hadamard_transform(x, signs=_signs(config, x.shape[-1], x.device))
+def _unrotate(x: torch.Tensor, config: KVCacheConfig, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`_rotate`."""
+    if config.rotation != "none":
+        x = inverse_hadamard_transform(x, signs=_signs(config, x.shape[-1], x.device),
+                                       block_size=config.rotation_block or None)
+    if order is not None:
+        x = x[..., torch.argsort(order).to(x.device)]
+    return x
+
+
+def fit_channel_order(keys: torch.Tensor, blocks: int) -> tuple[int, ...]:
+    """RotateKV's outlier-aware channel order from calibration keys ``[..., head_dim]`` (any leading shape).
+
+    Channels are ranked by their mean squared value (outlier channels carry the most energy) and dealt to the
+    ``blocks`` contiguous blocks of ``head_dim // blocks`` channels in a snake order (block 0, 1, …, B−1, B−1, …, 0,
+    0, …), so every block — a Hadamard block of ``rotation_block = head_dim // blocks`` and the per-token
+    quantization group of the same size — receives an equal share of the outliers and nearly equal energy. Returns
+    the permutation ``order`` with ``reordered[..., i] = keys[..., order[i]]``. With ``blocks=1`` it is the ranking
+    itself (a full-head Hadamard mixes every channel anyway, so the order then only relabels inputs).
+    """
+    if not torch.is_tensor(keys) or not keys.is_floating_point() or keys.dim() < 1:
+        raise TypeError("fit_channel_order: keys must be a float tensor [..., head_dim]")
+    d = keys.shape[-1]
+    if not isinstance(blocks, int) or blocks < 1 or d % blocks:
+        raise ValueError(f"fit_channel_order: blocks={blocks!r} must be a positive int dividing head_dim {d}")
+    energy = keys.detach().reshape(-1, d).double().pow(2).mean(0)
+    if not torch.isfinite(energy).all():
+        raise ValueError("fit_channel_order: keys contain NaN or inf")
+    ranked = torch.argsort(energy, descending=True, stable=True).tolist()
+    per = d // blocks
+    slots: list[list[int]] = [[] for _ in range(blocks)]
+    for r, ch in enumerate(ranked):
+        lap, pos = divmod(r, blocks)
+        slots[pos if lap % 2 == 0 else blocks - 1 - pos].append(ch)
+    assert all(len(sl) == per for sl in slots)
+    return tuple(ch for sl in slots for ch in sl)
 
 
 # --- codebooks -----------------------------------------------------------------------------------------------------
@@ -370,9 +479,10 @@ def _minmax_dequant(f: dict[str, torch.Tensor]) -> torch.Tensor:
     return f["codes"].float() * f["scale"].float() + f["zero"].float()
 
 
-def _kivi_quant(x: torch.Tensor, bits: int, per_channel: bool, config: KVCacheConfig) -> dict[str, torch.Tensor]:
+def _kivi_quant(x: torch.Tensor, bits: int, per_channel: bool, config: KVCacheConfig,
+                order: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     sdt = SCALE_DTYPES[config.scale_dtype]
-    x = _rotate(x.float(), config)
+    x = _rotate(x.float(), config, order)
     if per_channel:
         return _minmax_quant(x, bits, -2, sdt)  # reduce over the G tokens of the block
     d = x.shape[-1]
@@ -382,7 +492,8 @@ def _kivi_quant(x: torch.Tensor, bits: int, per_channel: bool, config: KVCacheCo
     return f
 
 
-def _kivi_dequant(f: dict[str, torch.Tensor], per_channel: bool, config: KVCacheConfig) -> torch.Tensor:
+def _kivi_dequant(f: dict[str, torch.Tensor], per_channel: bool, config: KVCacheConfig,
+                  order: torch.Tensor | None = None) -> torch.Tensor:
     if per_channel:
         y = _minmax_dequant(f)
     else:
@@ -390,10 +501,11 @@ def _kivi_dequant(f: dict[str, torch.Tensor], per_channel: bool, config: KVCache
         gs = c.shape[-1] // f["scale"].shape[-2]
         y = _minmax_dequant({"codes": c.reshape(*c.shape[:-1], -1, gs), "scale": f["scale"],
                              "zero": f["zero"]}).reshape(c.shape)
-    return _unrotate(y, config)
+    return _unrotate(y, config, order)
 
 
-def _nsn_quant(x: torch.Tensor, codebook: torch.Tensor, config: KVCacheConfig) -> dict[str, torch.Tensor]:
+def _nsn_quant(x: torch.Tensor, codebook: torch.Tensor, config: KVCacheConfig,
+               order: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     sdt = SCALE_DTYPES[config.scale_dtype]
     x = x.float()
     d = x.shape[-1]
@@ -404,17 +516,18 @@ def _nsn_quant(x: torch.Tensor, codebook: torch.Tensor, config: KVCacheConfig) -
     v = u - mu.float()
     n2 = v.norm(dim=-1, keepdim=True).to(sdt)
     w = v * (rd / n2.float().clamp_min(1e-30))
-    z = _rotate(w, config)
+    z = _rotate(w, config, order)
     vd = codebook.shape[1]
     idx = _nearest(z.reshape(-1, vd), codebook.to(z.device))
     return {"codes": idx.reshape(*z.shape[:-1], d // vd), "norm1": n1, "norm2": n2, "mean": mu}
 
 
-def _nsn_dequant(f: dict[str, torch.Tensor], codebook: torch.Tensor, config: KVCacheConfig) -> torch.Tensor:
+def _nsn_dequant(f: dict[str, torch.Tensor], codebook: torch.Tensor, config: KVCacheConfig,
+                 order: torch.Tensor | None = None) -> torch.Tensor:
     idx = f["codes"]
     cb = codebook.to(idx.device)
     z = cb[idx.reshape(-1).long()].reshape(*idx.shape[:-1], idx.shape[-1] * cb.shape[1])
-    w = _unrotate(z, config)
+    w = _unrotate(z, config, order)
     rd = math.sqrt(z.shape[-1])
     return (f["norm1"].float() / rd) * (f["mean"].float() + (f["norm2"].float() / rd) * w)
 
@@ -422,9 +535,11 @@ def _nsn_dequant(f: dict[str, torch.Tensor], codebook: torch.Tensor, config: KVC
 class _Quantizer:
     """The quantizer of one kind ("key"/"value") for one config (and codebook)."""
 
-    def __init__(self, config: KVCacheConfig, kind: str, codebook: torch.Tensor | None = None):
+    def __init__(self, config: KVCacheConfig, kind: str, codebook: torch.Tensor | None = None, layer_idx: int = 0):
         self.config = config
         self.kind = kind
+        order = config.order_for(layer_idx) if kind == "key" else None
+        self.order = None if order is None else torch.tensor(order, dtype=torch.long)
         self.bits = config.key_bits if kind == "key" else config.value_bits
         self.enabled = config.quantizes(kind)
         self.per_channel = kind == "key" and config.key_grouping == "channel"
@@ -445,15 +560,15 @@ class _Quantizer:
         if not self.enabled:
             return {"raw": x}
         if self.codebook is not None:
-            return _nsn_quant(x, self.codebook, self.config)
-        return _kivi_quant(x, self.bits, self.per_channel, self.config)
+            return _nsn_quant(x, self.codebook, self.config, self.order)
+        return _kivi_quant(x, self.bits, self.per_channel, self.config, self.order)
 
     def dequant(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
         if not self.enabled:
             return f["raw"]
         if self.codebook is not None:
-            return _nsn_dequant(f, self.codebook, self.config)
-        return _kivi_dequant(f, self.per_channel, self.config)
+            return _nsn_dequant(f, self.codebook, self.config, self.order)
+        return _kivi_dequant(f, self.per_channel, self.config, self.order)
 
     # packing of the codes field: [B, n, ...] integer codes <-> uint8 [B, n, row_bytes]
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
@@ -499,12 +614,15 @@ def _check_kv(keys: torch.Tensor, values: torch.Tensor, where: str) -> None:
 
 
 def fake_quantize_kv(keys: torch.Tensor, values: torch.Tensor, config: KVCacheConfig,
-                     codebooks: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     codebooks: dict[str, torch.Tensor] | None = None, layer_idx: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values ``[batch, kv_heads, seq, head_dim]`` as :class:`PackedKVCache` holds them once all ``seq``
     tokens are stored: sinks and the residual window unchanged, positions :func:`packed_range` quantized and
     dequantized (same blocks, grouping, rotation, scale rounding and codebooks as the cache; nothing is packed).
 
     ``codebooks``: nsnquant codebooks ``{"key": ..., "value": ...}`` (default: :func:`gaussian_codebook`).
+    ``layer_idx``: the decoder layer (picks its key ``channel_order``). With ``config.pre_rope`` pass the keys
+    *before* RoPE (the cache stores those; RoPE is applied to what comes out).
 
     What a *query* sees also depends on when it ran (see the module docstring): a query whose chunk starts at
     position ``a`` sees ``fake_quantize_kv`` outputs at positions ``packed_range(a, config)`` and the full-precision
@@ -517,7 +635,7 @@ def fake_quantize_kv(keys: torch.Tensor, values: torch.Tensor, config: KVCacheCo
     start, end = packed_range(keys.shape[-2], config)
     out = []
     for kind, x in (("key", keys), ("value", values)):
-        q = _Quantizer(config, kind, codebooks.get(kind))
+        q = _Quantizer(config, kind, codebooks.get(kind), layer_idx)
         if end == start or not q.enabled:
             out.append(x)
             continue
@@ -535,16 +653,18 @@ class PackedKVLayer(BaseQuantizedLayer):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, config: KVCacheConfig, codebooks: dict[str, torch.Tensor] | None = None):
+    def __init__(self, config: KVCacheConfig, codebooks: dict[str, torch.Tensor] | None = None, layer_idx: int = 0):
         super().__init__()
         if not isinstance(config, KVCacheConfig):
             raise TypeError(f"PackedKVLayer needs a KVCacheConfig, got {type(config).__name__}")
         self.config = config
+        self.layer_idx = layer_idx
         codebooks = codebooks or {}
-        self._q = {kind: _Quantizer(config, kind, codebooks.get(kind)) for kind in ("key", "value")}
+        self._q = {kind: _Quantizer(config, kind, codebooks.get(kind), layer_idx) for kind in ("key", "value")}
         self._reset_storage()
 
     def _reset_storage(self) -> None:
+        self.rope_cos = self.rope_sin = None  # pre_rope: the rotary tables of every stored position [B, T, D]
         self.sink_keys = self.sink_values = None
         self.packed: dict[str, dict[str, torch.Tensor] | None] = {"key": None, "value": None}
         self.n_blocks = 0
@@ -594,6 +714,30 @@ class PackedKVLayer(BaseQuantizedLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the stored past followed by the new states (full precision), then store the new states."""
+        if self.config.pre_rope:
+            raise ValueError("PackedKVLayer.update: this cache stores keys before RoPE (pre_rope=True) but was "
+                             "given post-RoPE keys; run the model inside `with pre_rope_attention(model):`")
+        return self._update(key_states, value_states)
+
+    def update_pre_rope(self, key_states: torch.Tensor, value_states: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-RoPE update: ``key_states`` are keys *before* RoPE and ``cos``/``sin`` ``[batch, seq, head_dim]``
+        their rotary tables (as the model computed them). Returns the stored past and the new states as in
+        :meth:`update`, with RoPE applied to all keys after dequantization (the tables of past positions are kept
+        in full precision: a kernel recomputes them from the position, so :meth:`nbytes` does not count them)."""
+        if not self.config.pre_rope:
+            raise ValueError("PackedKVLayer.update_pre_rope: the config has pre_rope=False; use update()")
+        for name, t in (("cos", cos), ("sin", sin)):
+            if not torch.is_tensor(t) or t.dim() != 3 or t.shape[1] != key_states.shape[-2] \
+                    or t.shape[-1] != key_states.shape[-1]:
+                raise ValueError(f"PackedKVLayer.update_pre_rope: {name} must be [batch, seq, head_dim] matching "
+                                 f"keys {tuple(key_states.shape)}, got {getattr(t, 'shape', type(t))}")
+        k, v = self._update(key_states, value_states)
+        self.rope_cos = cos if self.rope_cos is None else torch.cat([self.rope_cos, cos], dim=1)
+        self.rope_sin = sin if self.rope_sin is None else torch.cat([self.rope_sin, sin], dim=1)
+        return apply_rope(k, self.rope_cos, self.rope_sin), v
+
+    def _update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_kv(key_states, value_states, "PackedKVLayer.update")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -654,8 +798,11 @@ class PackedKVLayer(BaseQuantizedLayer):
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
+        b0 = self.sink_keys.shape[0]
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.rope_cos is not None and self.rope_cos.shape[0] == b0 and b0 > 1:  # batch-1 tables broadcast
+            self.rope_cos, self.rope_sin = fn(self.rope_cos), fn(self.rope_sin)
         for kind, f in self.packed.items():
             if f is not None:
                 self.packed[kind] = {name: fn(t) for name, t in f.items()}
@@ -715,9 +862,23 @@ class PackedKVCache(Cache):
             if bad:
                 raise ValueError(f"PackedKVCache supports full and sliding attention layers, this model has "
                                  f"{sorted(bad)}")
-            super().__init__(layers=[make() for _ in layer_types])
+            if len(config.channel_order) > 1 and len(config.channel_order) != len(layer_types):
+                raise ValueError(f"KVCacheConfig.channel_order holds {len(config.channel_order)} layers, the model "
+                                 f"has {len(layer_types)}; fit one order per layer (or one shared order)")
+            super().__init__(layers=[make(layer_idx=i) for i in range(len(layer_types))])
         else:
+            if len(config.channel_order) > 1:
+                raise ValueError("PackedKVCache: per-layer channel_order needs model_config (to build each layer "
+                                 "with its own order); pass the model's config")
             super().__init__(layer_class_to_replicate=make)
+
+    def update_pre_rope(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                        cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`PackedKVLayer.update_pre_rope` of layer ``layer_idx`` (what :func:`pre_rope_attention` calls)."""
+        if self.layer_class_to_replicate is not None:
+            while len(self.layers) <= layer_idx:
+                self.layers.append(self.layer_class_to_replicate())
+        return self.layers[layer_idx].update_pre_rope(key_states, value_states, cos, sin)
 
     def nbytes(self, layer_idx: int | None = None) -> dict[str, int]:
         """Stored bytes by part (see :meth:`PackedKVLayer.nbytes`) of one layer, or summed over all layers."""
@@ -732,3 +893,95 @@ class PackedKVCache(Cache):
         """Stored bytes per token, of one layer or of all layers together."""
         n = self.get_seq_length(0 if layer_idx is None else layer_idx)
         return self.nbytes(layer_idx)["total"] / n if n else 0.0
+
+
+# --- pre-RoPE keys (RotateKV) ---------------------------------------------------------------------------------------
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the Llama/Gemma "rotate half" convention: ``x·cos + rotate_half(x)·sin`` with ``x``
+    ``[batch, heads, seq, head_dim]`` and ``cos``/``sin`` ``[batch, seq, head_dim]`` (the same float operations, in
+    the same order, as transformers' ``apply_rotary_pos_emb``, so results are bit-identical)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    h = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+def _pre_rope_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                      cache=None, past_key_values=None, **kwargs):
+    """The attention forward of Llama-family modules (q/k/v/o projections, optional q_norm/k_norm, RoPE from
+    ``position_embeddings``), with the keys handed to a pre-RoPE :class:`PackedKVCache` before RoPE; otherwise the
+    class's own forward."""
+    cache = cache if cache is not None else past_key_values
+    if not (isinstance(cache, PackedKVCache) and cache.config.pre_rope):
+        return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
+                                  attention_mask=attention_mask, cache=cache, **kwargs)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    mod = sys.modules[type(self).__module__]
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    if getattr(self, "q_norm", None) is not None:
+        q = self.q_norm(q)
+    if getattr(self, "k_norm", None) is not None:
+        k = self.k_norm(k)
+    cos, sin = position_embeddings
+    q, _ = mod.apply_rotary_pos_emb(q, k, cos, sin)
+    k, v = cache.update_pre_rope(k, v, self.layer_idx, cos, sin)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, mod.eager_attention_forward)
+    extra = {"sliding_window": self.sliding_window} if hasattr(self, "sliding_window") else {}
+    out, weights = attention(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
+                             scaling=self.scaling, **extra, **kwargs)
+    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+def _rope_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    found = []
+    for m in model.modules():
+        ns = sys.modules.get(type(m).__module__)
+        if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "layer_idx", "scaling")) \
+                and hasattr(ns, "apply_rotary_pos_emb") and hasattr(ns, "eager_attention_forward"):
+            found.append(m)
+    return found
+
+
+@contextlib.contextmanager
+def pre_rope_attention(model: torch.nn.Module) -> Iterator[int]:
+    """Within this context the attention modules of ``model`` (Llama-family: Llama, Gemma 3, Qwen, Mistral, …, whose
+    forward projects q/k/v, optionally normalizes them, applies ``apply_rotary_pos_emb`` and updates the cache) hand
+    a pre-RoPE :class:`PackedKVCache` (``KVCacheConfig(pre_rope=True)``) their keys **before** RoPE, and attend
+    to the keys the cache returns (dequantized, then rotated). With any other cache, or none, they run their own
+    forward unchanged. Yields the number of modules covered.
+
+    The wrapper is an instance attribute ``forward`` on each module, removed (or the previous one restored) on
+    exit; no class, registry or global state is touched.
+
+    Example:
+        >>> import torch, transformers
+        >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+        ...                                num_attention_heads=1, num_key_value_heads=1)
+        >>> model = transformers.LlamaForCausalLM(cfg).eval()
+        >>> cache = PackedKVCache(KVCacheConfig(residual_length=8, group_size=8, pre_rope=True), cfg)
+        >>> with pre_rope_attention(model) as n:
+        ...     _ = model(torch.tensor([[1, 2, 3] * 10]), cache=cache)
+        >>> n, cache.layers[0].n_blocks
+        (1, 2)
+    """
+    mods = _rope_attention_modules(model)
+    if not mods:
+        raise ValueError(f"pre_rope_attention: {type(model).__name__} has no Llama-family attention module (q/k/v/o "
+                         f"projections and a module-level apply_rotary_pos_emb); pre-RoPE keys are not supported")
+    saved = []
+    try:
+        for m in mods:
+            saved.append((m, m.__dict__.get("forward", None)))
+            m.forward = types.MethodType(_pre_rope_forward, m)
+        yield len(mods)
+    finally:
+        for m, old in saved:
+            if old is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = old
