@@ -34,8 +34,22 @@ from torch import nn
 GOALS = {2: (2.0, 2.13, 2.0), 3: (3.0, 3.13, 1.15), 4: (4.0, 4.13, 1.03)}
 LABEL = {"fp": "FP32", "e8p2": "E8P 2-bit + BlockLDLQ + RHT", "rvq3": "RVQ 3-bit + BlockLDLQ + RHT",
          "rvq4": "RVQ 4-bit + BlockLDLQ + RHT", "int2g64": "INT2 g64 GPTQ + RHT", "int3g128": "INT3 g128 GPTQ + RHT",
-         "int4g128": "INT4 g128 GPTQ + RHT"}
-BITS = {"e8p2": 2, "rvq3": 3, "rvq4": 4, "int2g64": 2, "int3g128": 3, "int4g128": 4}
+         "int4g128": "W4A16 (INT4) g128 GPTQ + RHT", "int4g128n": "W4A16 (INT4) g128 GPTQ, no RHT",
+         "e8p2s": "E8P 2-bit + BlockLDLQ + RHT + scale search", "rvq3s": "RVQ 3-bit + BlockLDLQ + RHT + scale search",
+         "rvq4s": "RVQ 4-bit + BlockLDLQ + RHT + scale search"}
+BITS = {"e8p2": 2, "rvq3": 3, "rvq4": 4, "int2g64": 2, "int3g128": 3, "int4g128": 4, "int4g128n": 4,
+        "e8p2s": 2, "rvq3s": 3, "rvq4s": 4}
+#: per-matrix scale multipliers tried on the proxy loss by the "...s" methods (each one BlockLDLQ run)
+SCALE_SEARCH = (0.9, 1.0, 1.1)
+#: the non-Shakespeare held-out text: the same six stdlib modules as benchmarks/kv_cache_real.py
+STDLIB_MODULES = ["argparse.py", "inspect.py", "typing.py", "subprocess.py", "pathlib.py", "dataclasses.py"]
+
+
+def stdlib_text() -> str:
+    import sysconfig
+
+    lib = sysconfig.get_paths()["stdlib"]
+    return "\n\n".join(open(os.path.join(lib, m), encoding="utf-8").read() for m in STDLIB_MODULES)
 
 
 def cpu_model() -> str:
@@ -48,7 +62,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def scalar_quantizer(bits: int, group: int, seed: int, damp: float):
+def scalar_quantizer(bits: int, group: int, seed: int, damp: float, rht: bool = True):
     from hadakit.quantization.ldlq import ScalarGroupQuantizer, block_ldlq, incoherence_process, proxy_loss
 
     counter = {"k": 0}
@@ -56,20 +70,31 @@ def scalar_quantizer(bits: int, group: int, seed: int, damp: float):
     @torch.no_grad()
     def q(name, mod: nn.Linear, H):
         W = mod.weight.detach().to(torch.float64)
-        Wt, Ht, inc = incoherence_process(W, H, seed + counter["k"])
+        if rht:
+            Wt, Ht, inc = incoherence_process(W, H, seed + counter["k"])
+        else:
+            Wt, Ht, inc = W, H, None
         counter["k"] += 1
         sq = ScalarGroupQuantizer(Wt, bits, group)
         res = block_ldlq(Wt, Ht, sq, block_size=1, damp=damp)
-        W_hat = inc.weight_inverse(res.W_hat.to(torch.float64))
+        W_hat = inc.weight_inverse(res.W_hat.to(torch.float64)) if rht else res.W_hat.to(torch.float64)
         m, n = W.shape
         new = nn.Linear(n, m, bias=mod.bias is not None)
         new.weight.copy_(W_hat.to(mod.weight.dtype))
         if mod.bias is not None:
             new.bias.copy_(mod.bias)
         ref = float(((W @ H) * W).sum())
-        return new, dict(bits_per_weight=sq.bits_per_weight(16) + (m + n) / (m * n),
+        return new, dict(bits_per_weight=sq.bits_per_weight(16) + ((m + n) / (m * n) if rht else 0.0),
                          proxy_rel=proxy_loss(W, W_hat, H) / ref)
     return q
+
+
+def _numba_threads() -> int | None:
+    try:
+        import numba
+        return int(numba.get_num_threads())
+    except ImportError:
+        return None
 
 
 def run(args) -> None:
@@ -87,14 +112,17 @@ def run(args) -> None:
     base, tok = load_model()
     print(f"loaded model in {time.perf_counter() - t0:.1f}s", flush=True)
     evals = {"hamlet": TextWindows().build(tok),
-             "macbeth": make_windows(tok, read_text("macbeth"), window=512, n_windows=8, add_bos=True)}
+             "python_stdlib": make_windows(tok, stdlib_text(), window=512, n_windows=args.other_windows, add_bos=True),
+             "macbeth": make_windows(tok, read_text("macbeth"), window=512, n_windows=args.other_windows,
+                                     add_bos=True)}
     calib = calibration_windows(tok, "lear", n_windows=args.calib_windows, window=args.calib_len, seed=0)
     n_layers = len(find_decoder_layers(base))
     k = n_layers if args.layers is None else args.layers
     targets = tuple(f"layers.{i}.*" for i in range(k)) if k < n_layers else ()
     meta = dict(model="Gemma 3 270M (hadakit built-in, float32)", device=cpu_model(), threads=torch.get_num_threads(),
                 calibration=dict(text="lear", n_windows=args.calib_windows, window=args.calib_len, seed=0),
-                eval={n: dict(n_windows=8, window=512, bos=True) for n in evals},
+                eval={n: dict(n_windows=int(w.shape[0]), window=512, bos=True) for n, w in evals.items()},
+                numba_threads=_numba_threads(),
                 quantized_layers=f"{k}/{n_layers}", damp=args.damp, seed=args.seed,
                 load_avg=os.getloadavg(), rows=[])
     if path.exists():
@@ -107,12 +135,15 @@ def run(args) -> None:
         print(f"== {method} ({LABEL[method]}), quantizing {k}/{n_layers} layers", flush=True)
         rep = None
         t1 = time.perf_counter()
+        load_q0 = os.getloadavg()
         if method.startswith(("e8p", "rvq")):
+            mults = SCALE_SEARCH if method.endswith("s") else (1.0,)
             rep = quantize_model_e8p(model, BITS[method], calib, seed=args.seed, damp=args.damp, targets=targets,
-                                     progress=lambda s: print(s, flush=True))
+                                     scale_multipliers=mults, progress=lambda s: print(s, flush=True))
         elif method.startswith("int"):
-            g = int(method.split("g")[1])
-            rep = quantize_model_sequential(model, calib, scalar_quantizer(BITS[method], g, args.seed, args.damp),
+            g = int(method.split("g")[1].rstrip("n"))
+            rep = quantize_model_sequential(model, calib, scalar_quantizer(BITS[method], g, args.seed, args.damp,
+                                                                           rht=not method.endswith("n")),
                                             method=method, targets=targets, progress=lambda s: print(s, flush=True))
         qtime = time.perf_counter() - t1
         t2 = time.perf_counter()
@@ -122,7 +153,7 @@ def run(args) -> None:
                    bits_per_weight=rep.bits_per_weight if rep else 32.0, n_weights=rep.n_weights if rep else 0,
                    proxy_rel_geomean=(math.exp(sum(math.log(max(l["proxy_rel"], 1e-30)) for l in rep.layers)
                                                / len(rep.layers)) if rep else 0.0),
-                   linears=rep.layers if rep else [], load_avg=os.getloadavg())
+                   linears=rep.layers if rep else [], load_avg=os.getloadavg(), load_avg_quantize_start=load_q0)
         print(f"-> {method}: ppl {ppl}, {row['bits_per_weight']:.4f} bits/weight, quantize {qtime:.0f}s, "
               f"eval {etime:.0f}s", flush=True)
         meta["rows"].append(row)
@@ -145,7 +176,7 @@ def report(args) -> None:
     if fp is None:
         sys.exit("report: no fp row")
     texts = list(fp["ppl"])
-    order = ["fp", "e8p2", "int2g64", "rvq3", "int3g128", "rvq4", "int4g128"]
+    order = ["fp", "e8p2", "e8p2s", "int2g64", "rvq3", "rvq3s", "int3g128", "rvq4", "rvq4s", "int4g128", "int4g128n"]
     rows = sorted({r["method"]: r for r in rows}.values(), key=lambda r: order.index(r["method"]))
     by = {r["method"]: r for r in rows}
     for r in rows:
@@ -174,9 +205,10 @@ def report(args) -> None:
              f"Device: {meta['device']} ({meta['threads']} thread per process, shared machine: load average "
              f"{meta['load_avg'][0]:.1f} at the start, so times are noisy). Quantized decoder layers: "
              f"**{meta['quantized_layers']}** (the rest float32). Calibration: {meta['calibration']['n_windows']}×"
-             f"{meta['calibration']['window']} tokens of King Lear (seed 0); eval: 8×512 tokens (+BOS) of "
-             + " and ".join(texts) + " (Hamlet = the quick table's windows). Time floor: the FP evaluation "
-             f"({fp['eval_s']:.0f} s for both texts).\n",
+             f"{meta['calibration']['window']} tokens of King Lear (seed 0); eval (+BOS per window): "
+             + ", ".join(f"{t} {meta['eval'].get(t, {}).get('n_windows', 8)}×512" for t in texts)
+             + " (Hamlet = the quick table's windows). Time floor: the FP evaluation "
+             f"({fp['eval_s']:.0f} s for all texts).\n",
              "| method | bits/weight | " + " | ".join(f"PPL {t} (×FP)" for t in texts)
              + " | proxy loss (geomean) | quantize s (× FP eval) | eval s (× FP eval) | goal |",
              "|---|---|" + "---|" * len(texts) + "---|---|---|---|"]
@@ -245,6 +277,8 @@ def main() -> None:
     r.add_argument("--tag", default="a")
     r.add_argument("--out", default="/tmp/quip_gemma")
     r.add_argument("--layers", type=int, default=None, help="quantize decoder layers 0..K-1 only")
+    r.add_argument("--other-windows", type=int, default=4,
+                   help="512-token windows of Macbeth and of the stdlib text (Hamlet: always the usual 8)")
     r.add_argument("--calib-windows", type=int, default=8)
     r.add_argument("--calib-len", type=int, default=512)
     r.add_argument("--seed", type=int, default=0)

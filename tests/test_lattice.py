@@ -192,3 +192,71 @@ def test_docstring_examples():
     mod = importlib.import_module("hadakit.formats.lattice")
     res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert res.attempted > 0 and res.failed == 0
+
+
+# ---------------------------------------------------------------------- compiled nearest search
+def _tie_inputs(cb, seed: int) -> torch.Tensor:
+    P = cb.points(torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randint(0, 65536, (400,), generator=g)
+    j = torch.randint(0, 65536, (400,), generator=g)
+    return torch.cat([
+        torch.zeros(1, 8, dtype=torch.float64),
+        torch.full((2, 8), 0.25, dtype=torch.float64) * torch.tensor([[1.0], [-1.0]], dtype=torch.float64),
+        (P[i] + P[j]) / 2,                                             # midpoints: exact float ties
+        P[i],                                                          # codewords
+        torch.round(8 * torch.randn(400, 8, generator=g, dtype=torch.float64)) / 8,   # ⅛-grid: many ties
+    ])
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 2.5])
+def test_numba_search_equals_torch_reference_and_bruteforce(cb, scale):
+    g = torch.Generator().manual_seed(100 + int(10 * scale))
+    x = scale * torch.randn(2000, 8, generator=g, dtype=torch.float64)
+    fast = cb.quantize(x, method="numba")
+    assert fast.dtype == torch.int32 and fast.shape == (2000,)
+    assert torch.equal(fast, cb.quantize(x, method="torch"))
+    assert torch.equal(fast, cb.nearest_bruteforce(x))
+    # negative control: a codebook search with the wrong shift sign does not match
+    assert not torch.equal(cb.quantize(x + 0.5, method="numba"), fast)
+
+
+def test_numba_search_ties_resolve_like_the_reference(cb):
+    """Dyadic inputs make every distance exact in float64, so ties are real ties: the compiled scan must break
+    them exactly as the torch reference (lowest shift, lowest abs index, lowest coordinate for the parity fix)."""
+    x = _tie_inputs(cb, 5)
+    fast, ref = cb.quantize(x, method="numba"), cb.quantize(x, method="torch")
+    assert torch.equal(fast, ref)
+    P = cb.points(torch.float64)
+    d_fast = ((x - P[fast.long()]) ** 2).sum(-1)
+    d_bf = ((x - P[cb.nearest_bruteforce(x).long()]) ** 2).sum(-1)
+    assert torch.equal(d_fast, d_bf)                                   # always a nearest point
+    words = slice(403, 803)                                            # the P[i] rows of _tie_inputs
+    assert torch.equal(P[fast[words].long()], x[words])                # codewords map to themselves
+
+
+def test_numba_parallel_kernel_equals_serial(cb):
+    from hadakit.formats import lattice
+
+    n = lattice.PARALLEL_MIN_VECTORS + 37
+    x = torch.randn(n, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    par = cb.quantize(x, method="numba")                                # one call: the parallel kernel
+    ser = torch.cat([cb.quantize(x[i:i + 4000], method="numba") for i in range(0, n, 4000)])   # serial calls
+    assert torch.equal(par, ser)
+    assert torch.equal(par[:3000], cb.quantize(x[:3000], method="torch"))
+
+
+def test_numba_search_float32_and_shapes(cb):
+    x = torch.randn(3, 50, 8, generator=torch.Generator().manual_seed(2))
+    c = cb.quantize(x)                                                  # auto: numba on CPU
+    assert c.shape == (3, 50)
+    P = cb.points(torch.float64)
+    x64 = x.double().reshape(-1, 8)
+    d = ((x64 - P[c.reshape(-1).long()]) ** 2).sum(-1)
+    d_bf = ((x64 - P[cb.nearest_bruteforce(x64).long()]) ** 2).sum(-1)
+    assert torch.allclose(d, d_bf, rtol=0, atol=1e-12)                  # nearest (float64 arithmetic inside)
+    assert cb.quantize(torch.empty(0, 8), method="numba").shape == (0,)
+    with pytest.raises(ValueError, match="method"):
+        cb.quantize(x, method="fast")
+    with pytest.raises(ValueError, match="NaN"):
+        cb.quantize(torch.full((2, 8), float("nan")), method="numba")

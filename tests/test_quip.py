@@ -184,3 +184,98 @@ def test_numba_decode_path_is_bit_identical(quantized, monkeypatch):
         slow = lin.dequantized_weight(dt)
         monkeypatch.undo()
         assert torch.equal(fast, slow) and torch.equal(slow, dequantize_e8p_state(state, dtype=dt))
+
+
+# ---------------------------------------------------------------------- recipe entry point and checkpoints
+def _buffers(model) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": getattr(m, k) for n, m in model.named_modules() if isinstance(m, E8PLinear)
+            for k in ("codes", "codes2", "scales", "signs_out", "signs_in")}
+
+
+def test_recipe_entry_point_equals_quantize_model_e8p(tiny_quantized):
+    from hadakit.quantization.quip import quantize_model_recipe
+
+    fp, q, _, calib = tiny_quantized
+    m = copy.deepcopy(fp)
+    rep = quantize_model_recipe(m, "e8p2", calib=calib)                 # e8p2 = e8p2:random:gptq, seed 0, damp 0.01
+    a, b = _buffers(m), _buffers(q)
+    assert a.keys() == b.keys() and len(a) == 35
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(rep.quantized) == 7 and 2.0 < rep.weight_bits < 2.05 and rep.calib_windows == 3
+    assert rep.recipe.spec() == "e8p2:random:gptq"
+    # negative control: another rotation seed gives other codes
+    m2 = copy.deepcopy(fp)
+    from hadakit.quantization.recipes import get_recipe
+    import dataclasses
+    r = get_recipe("e8p2")
+    quantize_model_recipe(m2, dataclasses.replace(r, rotation=dataclasses.replace(r.rotation, seed=5)), calib=calib)
+    assert not all(torch.equal(_buffers(m2)[k], a[k]) for k in a)
+
+
+def test_recipe_rtn_needs_no_calibration_and_errors():
+    from hadakit.quantization.quip import quantize_model_recipe
+
+    m = tiny_llama(vocab=VOCAB)
+    rep = quantize_model_recipe(m, "e8p3:none:rtn")
+    assert len(rep.quantized) == 7 and rep.calib_windows == 0 and 3.0 < rep.weight_bits < 3.05
+    assert all(float(m.get_submodule(n).signs_in.sum()) == 0 for n in rep.quantized)   # no incoherence: all +1
+    with pytest.raises(ValueError, match="needs calibration"):
+        quantize_model_recipe(tiny_llama(vocab=VOCAB), "e8p2")
+    with pytest.raises(ValueError, match="not an E8P"):
+        quantize_model_recipe(tiny_llama(vocab=VOCAB), "w4a16")
+    with pytest.raises(TypeError):
+        quantize_model_recipe(tiny_llama(vocab=VOCAB), 3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_checkpoint_round_trip_bit_exact(bits, tmp_path):
+    import hadakit
+    from hadakit.quantization.quip import quantize_model_recipe
+
+    fp = tiny_llama(vocab=VOCAB)
+    calib = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(bits))
+    m = copy.deepcopy(fp)
+    rep = quantize_model_recipe(m, f"e8p{bits}", calib=calib)
+    m.hadakit_recipe = rep.recipe                                        # what hadakit.quantize sets
+    out = hadakit.save(m, tmp_path / "ck")
+    back = hadakit.load(out)
+    a, b = _buffers(m), _buffers(back)
+    assert a.keys() == b.keys() and len(a) == 35
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    x = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        ref, got, fpl = m(x).logits, back(x).logits, fp(x).logits
+    assert torch.equal(ref, got)
+    assert not torch.allclose(got, fpl, atol=1e-4)                       # control: the E8P layers are in use
+    with torch.no_grad():
+        cached = hadakit.load(out, cache_weights=True)(x).logits
+    assert torch.equal(cached, ref)
+    # a recipe.json claiming other bits is refused (its hash check is bypassed by rewriting hadakit.json's hash)
+    import hashlib
+    import json
+    meta = json.loads((out / "hadakit.json").read_text())
+    rj = json.loads((out / "recipe.json").read_text())
+    rj["name"], rj["vector_bits"] = ("e8p3", 3) if bits != 3 else ("e8p2", 2)
+    data = (json.dumps(rj, indent=1) + "\n").encode()
+    (out / "recipe.json").write_bytes(data)
+    meta["recipe_sha256"] = hashlib.sha256(data).hexdigest()
+    (out / "hadakit.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="vector_bits"):
+        hadakit.load(out)
+
+
+def test_hadakit_quantize_routes_e8p_recipes():
+    """``hadakit.quantize(model, "e8p2", calibration)`` runs the E8P loop (quantization/pipeline.quantize_model
+    routes recipes with ``vector_bits``): the same buffers as calling the lattice entry point directly."""
+    import hadakit
+
+    fp = tiny_llama(vocab=VOCAB)
+    calib = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(3))
+    m = copy.deepcopy(fp)
+    hadakit.quantize(m, "e8p2", calib)
+    m2 = copy.deepcopy(fp)
+    from hadakit.quantization.quip import quantize_model_recipe
+    quantize_model_recipe(m2, "e8p2", calib=calib)
+    a, b = _buffers(m), _buffers(m2)
+    assert len(a) == 35 and all(torch.equal(a[k], b[k]) for k in a)

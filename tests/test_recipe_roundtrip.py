@@ -403,3 +403,74 @@ def test_with_options_moves_between_rotation_kinds():
         RotationConfig("block", 32)
     with pytest.raises(ValueError, match="block_size"):
         get_recipe("w4a16:hadamard").with_options(block_size=32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# E8P lattice recipes (hadakit.quantization.quip)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_e8p_recipes_round_trip():
+    from hadakit.quantization.recipes import list_vector_recipes
+
+    assert list_vector_recipes() == ["e8p2", "e8p3", "e8p4"]
+    assert not set(list_vector_recipes()) & set(list_recipes())          # the scalar preset list is unchanged
+    for bits in (2, 3, 4):
+        name = f"e8p{bits}"
+        r = _check(name)
+        assert r == QuantRecipe(name=name, vector_bits=bits, rotation=RotationConfig("random"), method="gptq")
+        assert r.spec() == f"{name}:random:gptq" and r.weight is None and r.needs_calibration
+        for rot in ("random", "none"):
+            for method in METHODS:
+                s = f"{name}:{rot}:{method}"
+                assert _check(s).spec() == s
+                t = f"{s}:scalesearch"
+                assert _check(t).spec() == t and _check(t).vector_scale_search
+        assert not _check(f"{name}:none:rtn").needs_calibration
+        assert _check(f"{name}::").spec() == f"{name}:random:gptq"
+    specs = {get_recipe(f"e8p{b}:{r}:{m}").spec() for b in (2, 3, 4) for r in ("random", "none") for m in METHODS}
+    assert len(specs) == 3 * 2 * len(METHODS)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("e8p2:hadamard", "rotation 'random'"),
+    ("e8p3:block-32:gptq", "rotation 'random'"),
+    ("e8p2:random:gptq:wclip", "not supported by the e8p recipes"),
+    ("e8p4:random:gptq:seq", "not supported by the e8p recipes"),
+    ("e8p2:random:gptq:store=bf16", "not supported by the e8p recipes"),
+    ("w4a16_g128:none:gptq:scalesearch", "needs an e8p recipe"),
+    ("e8p2:random:gptq:scalesearch=1", "takes no value"),
+    ("e8p5", "unknown recipe"),
+])
+def test_e8p_bad_strings(text, match):
+    with pytest.raises(ValueError, match=match):
+        get_recipe(text)
+
+
+def test_e8p_bad_json_and_construction():
+    with pytest.raises(ValueError, match="vector_bits must be one of"):
+        QuantRecipe(name="e8p2", vector_bits=5, rotation=RotationConfig("random"), method="gptq")
+    with pytest.raises(ValueError, match="vector_bits must be one of"):
+        QuantRecipe.from_dict(dict(name="e8p2", vector_bits=True))
+    with pytest.raises(ValueError, match="replace the weight scheme"):
+        QuantRecipe(name="x", weight="int4", vector_bits=2)
+    r = QuantRecipe(name="e8p2", vector_bits=2, rotation=RotationConfig("random", seed=3), method="gptq")
+    assert _json(r) == r
+    with pytest.raises(ValueError, match="rotation.seed"):
+        r.spec()
+    # a recipe.json written before vector_bits existed loads to the same scalar recipe
+    old = get_recipe("w4a16_g128:random:gptq").to_dict()
+    del old["vector_bits"], old["vector_scale_search"]
+    assert QuantRecipe.from_dict(old) == get_recipe("w4a16_g128:random:gptq")
+
+
+def test_e8p_recipes_refused_by_callers_that_do_not_route_them():
+    from conftest import tiny_llama
+
+    from hadakit.quantization.recipes import check_recipe_for_model
+
+    model = tiny_llama(vocab=64)
+    with pytest.raises(ValueError, match="quantize_model_recipe"):
+        check_recipe_for_model(get_recipe("e8p2"), model)
+    check_recipe_for_model(get_recipe("e8p2"), model, vector_routed=True)
+    check_recipe_for_model(get_recipe("w4a16:hadamard"), model)            # scalar recipes: as before

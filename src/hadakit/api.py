@@ -136,7 +136,7 @@ def quantize(
     target = _resolve_device(device)
     from hadakit.quantization.recipes import check_recipe_for_model
 
-    check_recipe_for_model(recipe, model)  # rotation sizes against the model's linears, before any work
+    check_recipe_for_model(recipe, model, vector_routed=True)  # layer sizes against the recipe, before any work
     _check_schemes(recipe, model)
     kind, path, data = _classify(calibration)
     if kind is None:

@@ -135,7 +135,7 @@ def run_quantize(args: argparse.Namespace) -> int:
                          f"tokenized; copy the model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) "
                          f"into it")
     for recipe in parsed.values():
-        check_recipe_for_model(recipe, model)
+        check_recipe_for_model(recipe, model, vector_routed=True)
 
     if args.out:
         return _run_single(args, parsed[recipes[0]], model, tokenizer, model_name, eval_windows, extra_eval, t0)

@@ -219,22 +219,46 @@ class E8P12Codebook:
         return out
 
     # ------------------------------------------------------------------ quantize
-    def quantize(self, x: torch.Tensor, *, chunk_size: int = 512) -> torch.Tensor:
+    def quantize(self, x: torch.Tensor, *, chunk_size: int = 512, method: str = "auto") -> torch.Tensor:
         """Nearest-point codes (int32, shape ``x.shape[:-1]``) of ``x[..., 8]`` at unit scale.
 
-        Scans only the 256 absolute points per shift (see the module docstring), ``chunk_size`` vectors at a time
-        (memory ≈ ``chunk_size · 256 · 8`` elements). Arithmetic in ``x``'s dtype (float64 for float64 input,
-        else float32).
+        Scans only the 256 absolute points per shift (see the module docstring).
+
+        ``method``: ``'numba'`` — a compiled loop (parallel over vectors, float64 arithmetic for any input dtype, no
+        temporaries beyond a 256-entry distance row per thread), the CPU fast path; ``'torch'`` — the vectorized
+        reference, ``chunk_size`` vectors at a time (memory ≈ ``chunk_size · 256 · 8`` elements), arithmetic in
+        ``x``'s dtype (float64 for float64 input, else float32); ``'auto'`` (default) — numba for CPU input when
+        numba imports, else torch. Both follow the same tie rule (module docstring), so on float64 input they give
+        the same codes (the tests check bit-equality, also on inputs with exact ties); on float32 input they can
+        differ where two distances agree to float32 rounding (the numba path then picks the truly nearer point).
         """
         _check_last8(x, "E8P12Codebook.quantize")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"E8P12Codebook.quantize: chunk_size must be a positive int, got {chunk_size!r}")
+        if method not in ("auto", "numba", "torch"):
+            raise ValueError(f"E8P12Codebook.quantize: method must be 'auto', 'numba' or 'torch', got {method!r}")
+        if method == "auto":
+            method = "numba" if x.device.type == "cpu" and _have_numba() else "torch"
+        if method == "numba" and x.device.type != "cpu":
+            raise ValueError("E8P12Codebook.quantize: method='numba' needs a CPU tensor; use method='torch'")
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         lead = x.shape[:-1]
-        flat = x.reshape(-1, 8).to(dtype)
+        if method == "numba":
+            flat = x.detach().reshape(-1, 8).to(torch.float64).contiguous()
+        else:
+            flat = x.reshape(-1, 8).to(dtype)
         if not torch.isfinite(flat).all():
             raise ValueError("E8P12Codebook.quantize: input has NaN/Inf; clean the weights first")
         out = torch.empty(flat.shape[0], dtype=torch.int32, device=x.device)
+        if method == "numba":
+            t = self._t(torch.float64, torch.device("cpu"))
+            if "absT_np" not in t:
+                t["absT_np"] = t["abs"].T.contiguous()
+                t["apar_i32"] = t["abs_parity"].to(torch.int32).contiguous()
+            if flat.shape[0]:
+                _numba_nearest(flat.numpy(), t["absT_np"].numpy(), t["abs_norm"].contiguous().numpy(),
+                                 t["apar_i32"].numpy(), out.numpy())
+            return out.reshape(lead)
         t = self._t(dtype, x.device)
         for i in range(0, flat.shape[0], chunk_size):
             out[i:i + chunk_size] = self._quantize_chunk(flat[i:i + chunk_size], t)
@@ -287,6 +311,101 @@ class E8P12Codebook:
             d = torch.addmm(pn[None, :], xi, P.T, alpha=-2.0)
             out[i:i + chunk_size] = d.argmin(-1).to(torch.int32)
         return out.reshape(x.shape[:-1])
+
+
+_HAVE_NUMBA: list[bool] = []
+
+
+def _have_numba() -> bool:
+    if not _HAVE_NUMBA:
+        try:
+            import numba  # noqa: F401
+            _HAVE_NUMBA.append(True)
+        except ImportError:
+            _HAVE_NUMBA.append(False)
+    return _HAVE_NUMBA[0]
+
+
+#: Below this many vectors the serial kernel is used: a parallel region's start-up costs more than it saves on a
+#: loaded machine (measured: 640 vectors take 5 ms serial vs 16–25 ms with 2 threads under load 12).
+PARALLEL_MIN_VECTORS = 16384
+
+
+@lru_cache(maxsize=2)
+def _numba_nearest_kernel(parallel: bool):
+    import numba
+
+    def kernel(x, absT, abs_norm, abs_par, out):  # pragma: no cover - compiled
+        n = x.shape[0]
+        per = 64
+        nchunks = (n + per - 1) // per
+        for c in numba.prange(nchunks):
+            a = np.empty(8)
+            neg = np.empty(8, dtype=np.int64)
+            dot = np.empty(256)
+            fix = np.empty(256)
+            for v in range(c * per, min(n, (c + 1) * per)):
+                best_d = np.inf
+                best_code = 0
+                for sh in range(2):
+                    t = -0.25 if sh == 0 else 0.25
+                    yy = 0.0
+                    npar = 0
+                    for i in range(8):
+                        y = x[v, i] - t
+                        yy += y * y
+                        if y < 0:
+                            neg[i] = 1
+                            npar += 1
+                            a[i] = -y
+                        else:
+                            neg[i] = 0
+                            a[i] = y
+                    npar &= 1
+                    for j in range(256):
+                        dot[j] = a[0] * absT[0, j]
+                        fix[j] = dot[j]
+                    for i in range(1, 8):
+                        ai = a[i]
+                        for j in range(256):
+                            p = ai * absT[i, j]
+                            dot[j] += p
+                            if p < fix[j]:
+                                fix[j] = p
+                    dmin = np.inf
+                    jmin = 0
+                    for j in range(256):
+                        d = (abs_norm[j] + yy) - 2.0 * dot[j]
+                        if npar != abs_par[j]:
+                            d += 4.0 * fix[j]
+                        if d < dmin:
+                            dmin = d
+                            jmin = j
+                    if dmin < best_d:
+                        best_d = dmin
+                        flip = -1
+                        if npar != abs_par[jmin]:
+                            pmin = np.inf
+                            for i in range(8):
+                                p = a[i] * absT[i, jmin]
+                                if p < pmin:
+                                    pmin = p
+                                    flip = i
+                        sbits = 0
+                        for i in range(7):
+                            b = neg[i]
+                            if i == flip:
+                                b ^= 1
+                            sbits |= b << i
+                        best_code = jmin | (sbits << 8) | (sh << 15)
+                out[v] = best_code
+    return numba.njit(parallel=parallel, fastmath=False, boundscheck=False, nogil=True, cache=False)(kernel)
+
+
+def _numba_nearest(x, absT, abs_norm, abs_par, out) -> None:
+    """The compiled 2 × 256 absolute-point scan (see :meth:`E8P12Codebook.quantize`): parallel over chunks of 64
+    vectors (numba's thread count) for large inputs, serial below :data:`PARALLEL_MIN_VECTORS`."""
+    _numba_nearest_kernel(x.shape[0] >= PARALLEL_MIN_VECTORS)(x, absT, abs_norm, abs_par, out)
 
 
 @lru_cache(maxsize=1)

@@ -5,6 +5,10 @@ A checkpoint directory holds ``config.json`` and the tokenizer (transformers' ow
 ``model.safetensors``: for each quantized linear the packed weight (payload, scales, zero points, tensor scale, as
 ``QuantizedTensor.state_dict`` lays them out), its bias and rotation signs; every other tensor as it is in the model
 (parameters that bfloat16 or float16 holds exactly, e.g. after ``store=bf16``, in that dtype).
+E8P lattice linears (:class:`~hadakit.quantization.quip.E8PLinear`, recipes ``e8p2``/``e8p3``/``e8p4``) are stored as
+their buffers under ``NAME.e8p.`` (``codes``, ``codes2``, ``scales``, ``signs_out``, ``signs_in``: the packed int16 /
+uint8 codes, float32 stage scales, bit-packed incoherence signs) and ``NAME.bias``; their ``hadakit.json`` entry has
+``kind: "e8p"`` and ``bits``, and loading rebuilds the same module bit for bit.
 The size on disk is the real compressed size. Writing goes to a temporary sibling directory that is renamed into
 place at the end, so an interrupted save leaves nothing half-written; an existing directory is only replaced with
 ``force=True`` and only when it is a hadakit checkpoint (see :mod:`hadakit.outdir`).
@@ -26,6 +30,7 @@ from torch import nn
 
 from hadakit.formats import QuantizedTensor, get_scheme
 from hadakit.quantization.qlinear import RotatedQuantLinear
+from hadakit.quantization.quip import E8PLinear
 from hadakit.quantization.recipes import QuantRecipe
 from hadakit.outdir import check_output_dir, write_dir_atomically
 from hadakit.transforms.kronecker import KroneckerTransform
@@ -67,6 +72,15 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     linears: dict[str, dict] = {}
     qnames = set()
     for name, mod in model.named_modules():
+        if isinstance(mod, E8PLinear):
+            qnames.add(name)
+            linears[name] = dict(kind="e8p", bits=mod.bits, in_features=mod.in_features,
+                                 out_features=mod.out_features, rotation=None, act_scheme=None, packed=True)
+            for k in _E8P_BUFFERS:
+                tensors[f"{name}.e8p.{k}"] = getattr(mod, k).detach().cpu().contiguous()
+            if mod.bias is not None:
+                tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
+            continue
         if isinstance(mod, RotatedQuantLinear):
             qnames.add(name)
             linears[name] = dict(in_features=mod.in_features, out_features=mod.out_features,
@@ -103,6 +117,38 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
         t = t.detach().cpu().contiguous()
         tensors[key] = _compact(t) if key in params else t
     return tensors, linears, tied
+
+
+_E8P_BUFFERS = ("codes", "codes2", "scales", "signs_out", "signs_in")
+
+
+def _load_e8p(root: Path, name: str, lm: dict, state: dict, recipe: QuantRecipe, cache_weights: bool) -> E8PLinear:
+    """The :class:`E8PLinear` ``name`` of a checkpoint, its buffers popped from ``state`` (checked against the
+    recipe's ``vector_bits`` and the module's shapes)."""
+    bits = lm.get("bits")
+    if recipe.vector_bits != bits:
+        raise ValueError(f"{root}: {_RECIPE} says vector_bits={recipe.vector_bits!r}, but {name} was saved as "
+                         f"{bits!r}-bit E8P codes: the recipe file was edited or belongs to another checkpoint")
+    bias = state.pop(f"{name}.bias", None)
+    mod = E8PLinear(lm["in_features"], lm["out_features"], bits, bias=bias is not None,
+                    dtype=bias.dtype if bias is not None else torch.float32)
+    with torch.no_grad():
+        for k in _E8P_BUFFERS:
+            key = f"{name}.e8p.{k}"
+            if key not in state:
+                raise ValueError(f"{root / _WEIGHTS} lacks {key}: the checkpoint is corrupt")
+            src = state.pop(key)
+            dst = getattr(mod, k)
+            if src.dtype != dst.dtype or tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"{root / _WEIGHTS}: {key} is {src.dtype} {tuple(src.shape)}, expected {dst.dtype} "
+                                 f"{tuple(dst.shape)} for a {lm['out_features']}×{lm['in_features']} {bits}-bit "
+                                 f"E8P linear: the checkpoint is corrupt")
+            dst.copy_(src)
+        if bias is not None:
+            mod.bias.copy_(bias)
+    if cache_weights:
+        mod.cache_weight()
+    return mod
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -282,6 +328,11 @@ def load_quantized_model(path: str | Path, *, device: str | torch.device = "cpu"
         raise ValueError(f"{root / _WEIGHTS} could not be read ({exc}); the checkpoint is corrupt") from None
 
     for name, lm in meta["linears"].items():
+        if lm.get("kind") == "e8p":
+            new = _load_e8p(root, name, lm, state, recipe, cache_weights)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+            continue
         prefix = f"{name}.qweight."
         if lm["packed"]:
             packed = QuantizedTensor.from_state_dict(state, prefix)

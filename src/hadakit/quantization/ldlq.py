@@ -201,12 +201,18 @@ class LDLQResult:
 
 
 def block_ldlq(W: torch.Tensor, H: torch.Tensor, quantizer: BlockQuantizer, *, block_size: int = 8,
-               damp: float = 0.01) -> LDLQResult:
+               damp: float = 0.01, lazy_block: int = 128) -> LDLQResult:
     """BlockLDLQ rounding of ``W`` (m × n) under the proxy Hessian ``H`` (n × n) with error feedback.
 
     ``quantizer(x[m, block_size], start)`` returns ``(x̂, codes)``; codes (a list of tensors, one per stage, each
     ``(m, c)``) are concatenated along dim 1. Arithmetic in float64; ``W_hat`` has ``W``'s dtype.
     ``block_size=1`` with a scalar quantizer is GPTQ (no lazy batching).
+
+    ``lazy_block`` (a multiple of ``block_size``; rounded up to one): GPTQ's lazy batch updates — the feedback
+    ``Σ_{j<k} (Ŵ_j − W_j) A_jk`` from earlier *super-blocks* of ``lazy_block`` columns is added to all later columns
+    once per super-block (one matrix product), within a super-block block by block. The same sums, grouped
+    differently: results agree with ``lazy_block = block_size`` (the plain loop) to float64 rounding, and the work
+    becomes a few large products instead of ``n / block_size`` thin ones.
 
     Example:
         >>> import torch
@@ -220,26 +226,34 @@ def block_ldlq(W: torch.Tensor, H: torch.Tensor, quantizer: BlockQuantizer, *, b
     if not isinstance(block_size, int) or block_size < 1 or W.shape[1] % block_size:
         raise ValueError(f"block_ldlq: block_size ({block_size!r}) must be a positive int dividing in_features "
                          f"({W.shape[1]})")
+    if isinstance(lazy_block, bool) or not isinstance(lazy_block, int) or lazy_block < 1:
+        raise ValueError(f"block_ldlq: lazy_block must be a positive int, got {lazy_block!r}")
+    lazy = max(block_size, -(-lazy_block // block_size) * block_size)
     A, _ = block_ldl(_damped(H, damp), block_size)
     W64 = W.to(torch.float64)
     m, n = W64.shape
+    T = W64.clone()                                    # targets: W minus the feedback of finished super-blocks
     Delta = torch.zeros_like(W64)                      # Ŵ − W for the blocks done so far
     Wq = torch.empty_like(W64)
     codes: list[list[torch.Tensor]] = []
-    for k in range(0, n, block_size):
-        sl = slice(k, k + block_size)
-        target = W64[:, sl]
-        if k:
-            target = target - Delta[:, :k] @ A[:k, sl]
-        q, c = quantizer(target, k)
-        q = q.to(torch.float64)
-        Wq[:, sl] = q
-        Delta[:, sl] = q - W64[:, sl]
-        if c is not None:
-            if not codes:
-                codes = [[] for _ in c]
-            for lst, ci in zip(codes, c):
-                lst.append(ci)
+    for s0 in range(0, n, lazy):
+        s1 = min(n, s0 + lazy)
+        for k in range(s0, s1, block_size):
+            sl = slice(k, k + block_size)
+            target = T[:, sl]
+            if k > s0:
+                target = target - Delta[:, s0:k] @ A[s0:k, sl]
+            q, c = quantizer(target, k)
+            q = q.to(torch.float64)
+            Wq[:, sl] = q
+            Delta[:, sl] = q - W64[:, sl]
+            if c is not None:
+                if not codes:
+                    codes = [[] for _ in c]
+                for lst, ci in zip(codes, c):
+                    lst.append(ci)
+        if s1 < n:
+            T[:, s1:] -= Delta[:, s0:s1] @ A[s0:s1, s1:]
     return LDLQResult(Wq.to(W.dtype), [torch.cat(l, 1) for l in codes])
 
 
@@ -370,6 +384,9 @@ def quantize_weight_e8p(W: torch.Tensor, H: torch.Tensor, bits: int = 2, *, seed
     if incoherence:
         inc = Incoherence.from_seed(m, n, seed)
         Wt, Ht = inc.weight(W64), inc.hessian(H64)
+        if not (torch.isfinite(Wt).all() and torch.isfinite(Ht).all()):
+            raise ValueError(f"quantize_weight_e8p: the randomized Hadamard transform of the {m}×{n} weight / "
+                             "Hessian gave NaN/Inf (check hadakit.transforms for these sizes)")
     else:
         inc = Incoherence(torch.ones(m, dtype=torch.float64), torch.ones(n, dtype=torch.float64))
         Wt, Ht = W64, H64

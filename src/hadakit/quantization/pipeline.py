@@ -722,6 +722,11 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe | str, *, calib: torch.
     elif not isinstance(recipe, QuantRecipe):
         raise TypeError(f"recipe must be a QuantRecipe or a recipe string such as 'w4a4:random:gptq', got "
                         f"{type(recipe).__name__}")
+    if recipe.vector_bits is not None:  # E8P lattice recipes (e8p2/e8p3/e8p4) have their own sequential loop
+        from hadakit.quantization.quip import quantize_model_recipe
+
+        return quantize_model_recipe(model, recipe, calib=calib, attention_mask=attention_mask, progress=progress,
+                                     cache=keep_dense)
     t0 = time.perf_counter()
     if calib is None and attention_mask is not None:
         raise ValueError("attention_mask was given without calib: pass the token windows it masks")

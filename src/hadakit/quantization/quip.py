@@ -35,7 +35,7 @@ from torch import nn
 from hadakit.formats.lattice import bits_per_weight as _e8p_bits_per_weight
 from hadakit.quantization.ldlq import _pack_signs, dequantize_e8p_state, quantize_weight_e8p
 
-__all__ = ["E8PLinear", "QuipReport", "quantize_model_e8p", "quantize_model_sequential"]
+__all__ = ["E8PLinear", "QuipReport", "quantize_model_e8p", "quantize_model_recipe", "quantize_model_sequential"]
 
 log = logging.getLogger(__name__)
 
@@ -375,3 +375,131 @@ def quantize_model_e8p(model: nn.Module, bits: int, calib_windows, *, seed: int 
 
     return quantize_model_sequential(model, calib_windows, q, method="e8p2" if bits == 2 else f"rvq{bits}",
                                      targets=targets, ignore=ignore, progress=progress)
+
+
+# ---------------------------------------------------------------------- recipe entry point
+def _identity_hessian_quantizer(bits: int, seed: int, incoherence: bool, ldlq: bool,
+                                scale_multipliers: tuple[float, ...], damp: float):
+    counter = {"k": 0}
+
+    def q(name: str, mod: nn.Linear, H: torch.Tensor | None):
+        W = mod.weight.detach().to(torch.float64).cpu()
+        if W.shape[1] % 8:
+            raise ValueError(f"e8p recipe: {name} has in_features {W.shape[1]}, not a multiple of 8; leave it out "
+                             "(recipe ignore=...)")
+        if H is None:
+            H = torch.eye(W.shape[1], dtype=torch.float64)
+        state, _, stats = quantize_weight_e8p(W, H.cpu(), bits, seed=seed + counter["k"], damp=damp,
+                                              incoherence=incoherence, ldlq=ldlq,
+                                              scale_multipliers=scale_multipliers)
+        counter["k"] += 1
+        bias = None if mod.bias is None else mod.bias.detach()
+        return E8PLinear.from_state(state, bias).to(mod.weight.device), stats
+
+    return q
+
+
+@torch.no_grad()
+def quantize_model_recipe(model: nn.Module, recipe, *, calib=None, attention_mask: torch.Tensor | None = None,
+                          progress: Callable[[str], None] | None = None, cache: bool = False):
+    """Run an E8P lattice recipe (``e8p2`` / ``e8p3`` / ``e8p4``, :mod:`hadakit.quantization.recipes`) on ``model``
+    in place; returns a :class:`hadakit.quantization.pipeline.QuantizationReport`.
+
+    What the recipe selects: ``vector_bits`` (2: E8P12, 3/4: RVQ); rotation ``random`` = two-sided RHT incoherence
+    (seed ``rotation.seed``, one seed per linear: ``seed + k`` for the ``k``-th), ``none`` = none; method ``gptq`` =
+    BlockLDLQ on Hessians from ``calib`` collected layer by layer on the partly quantized model
+    (:func:`quantize_model_sequential`), ``rtn`` = nearest codeword of each 8-vector (no calibration needed: the
+    per-matrix scale is then chosen on the plain weight MSE); ``vector_scale_search`` = scale multipliers
+    :data:`~hadakit.quantization.recipes.VECTOR_SCALE_SEARCH`; ``gptq.damp``; ``targets`` / ``ignore`` (only the
+    decoder layers' linears are quantized). Calibration windows are prepared as the pipeline does it (padding at
+    either end of a window is cut off); padding *between* real tokens of a window is not masked out of the Hessians. Each selected linear becomes an :class:`E8PLinear`.
+    ``cache``: keep each module's dequantized weight (faster forwards, a dense copy per linear).
+
+    ``hadakit.quantize(model, "e8p2", calibration)`` reaches this through ``quantization.pipeline.quantize_model``
+    (see the module docstring of :mod:`hadakit.quantization.recipes`).
+    """
+    from hadakit.quantization.pipeline import QuantizationReport, _vocab_size, prepare_calibration
+    from hadakit.quantization.recipes import VECTOR_SCALE_SEARCH, QuantRecipe, get_recipe
+
+    if isinstance(recipe, str):
+        recipe = get_recipe(recipe)
+    if not isinstance(recipe, QuantRecipe):
+        raise TypeError(f"quantize_model_recipe: recipe must be a QuantRecipe or a recipe string such as 'e8p2', "
+                        f"got {type(recipe).__name__}")
+    if recipe.vector_bits is None:
+        raise ValueError(f"quantize_model_recipe: recipe {recipe.label()!r} is not an E8P lattice recipe (e8p2 / "
+                         f"e8p3 / e8p4); use hadakit.quantization.pipeline.quantize_model")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model_recipe: model must be an nn.Module, got {type(model).__name__}")
+    ldlq = recipe.method == "gptq"
+    if ldlq and calib is None:
+        raise ValueError(f"recipe {recipe.label()!r} needs calibration windows (calib=...): BlockLDLQ fits on their "
+                         f"Hessians; or use method rtn ({recipe.name}:{recipe.rotation.label()}:rtn)")
+    if calib is None and attention_mask is not None:
+        raise ValueError("attention_mask was given without calib: pass the token windows it masks")
+    t0 = time.perf_counter()
+    model.eval()
+    windows = None
+    if calib is not None:
+        windows = prepare_calibration(calib, attention_mask, vocab_size=_vocab_size(model))
+    mults = VECTOR_SCALE_SEARCH if recipe.vector_scale_search else (1.0,)
+    qfun = _identity_hessian_quantizer(recipe.vector_bits, int(recipe.rotation.seed), recipe.rotation.kind != "none",
+                                       ldlq, mults, float(recipe.gptq.damp))
+    method = recipe.label()
+    report = QuantizationReport(recipe)
+
+    def wrapped(name, mod, H):
+        new, stats = qfun(name, mod, H)
+        if cache:
+            new.cache_weight(mod.weight.dtype)
+        return new, stats
+
+    if windows is not None:
+        if recipe.needs_calibration:
+            report.calib_windows, report.calib_len = len(windows), windows.length
+            report.calib_tokens, report.calib_padded = windows.tokens, windows.padded
+            report.calib_source = "tokens"
+        rep = quantize_model_sequential(model, windows, wrapped, method=method, targets=recipe.targets,
+                                        ignore=recipe.ignore, progress=progress)
+    else:
+        rep = _quantize_without_calibration(model, wrapped, method, recipe.targets, recipe.ignore, progress)
+    report.quantized = [l["name"] for l in rep.layers]
+    report.skipped = list(rep.skipped)
+    report.weight_bits = rep.bits_per_weight
+    report.fits = {l["name"]: {k: v for k, v in l.items() if k != "name"} for l in rep.layers}
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _quantize_without_calibration(model, quantize_linear, method, targets, ignore, progress) -> QuipReport:
+    from hadakit.quantization.pipeline import find_decoder_layers
+    from hadakit.selection import selected
+
+    t0 = time.perf_counter()
+    names = {id(m): n for n, m in model.named_modules()}
+    report = QuipReport(method)
+    total = 0.0
+    for layer in find_decoder_layers(model):
+        for _, mod in list(layer.named_modules()):
+            if not isinstance(mod, nn.Linear):
+                continue
+            name = names[id(mod)]
+            if not selected(name, type(mod).__name__, tuple(targets), tuple(ignore)):
+                report.skipped.append(name)
+                continue
+            t1 = time.perf_counter()
+            new, stats = quantize_linear(name, mod, None)
+            _set_child(model, name, new)
+            nw = mod.weight.numel()
+            total += float(stats["bits_per_weight"]) * nw
+            report.n_weights += nw
+            report.layers.append(dict(name=name, shape=list(mod.weight.shape), seconds=time.perf_counter() - t1,
+                                      **{k: float(v) for k, v in stats.items()}))
+            if progress is not None:
+                progress(f"[{method}] {name}: {time.perf_counter() - t1:.1f}s")
+    if not report.n_weights:
+        raise ValueError(f"e8p recipe: no nn.Linear in the decoder layers is selected; check targets={targets!r} / "
+                         f"ignore={ignore!r}")
+    report.bits_per_weight = total / report.n_weights
+    report.seconds = time.perf_counter() - t0
+    return report

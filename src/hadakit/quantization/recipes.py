@@ -16,7 +16,16 @@ preset                meaning
 ``nvfp4_w``           NVFP4 weights only (E2M1, blocks of 16, E4M3 scales, fp32 tensor scale)
 ``nvfp4``             NVFP4 weights and activations (activations per token, dynamic)
 ``kv4``/``kv3``/``kv2`` only the KV cache, 4 / 3 / 2 bits
+``e8p2``              QuIP#-style 2-bit weights: E8P12 lattice codes (16 bits per 8 weights), two-sided randomized
+                      Hadamard incoherence, BlockLDLQ (:mod:`hadakit.quantization.quip`)
+``e8p3``/``e8p4``     the same at 3 / 4 bits: residual VQ (E8P12 + a 1-bit E8 stage / + a second E8P12 stage)
 ====================  ==========================================================================================
+
+The ``e8p*`` presets (:func:`list_vector_recipes`; ``list_recipes`` keeps the scalar ones) default to rotation
+``random`` (the two-sided RHT ``W ← H·D_out·W·D_in·H``, with the Hessian transformed to match) and method ``gptq``
+(BlockLDLQ: GPTQ's error feedback with 8-wide vector rounding); ``none`` turns the incoherence off and ``rtn``
+rounds each 8-vector to its nearest codeword. Their one option, ``scalesearch``, tries 0.9 / 1.0 / 1.1 × the
+per-matrix scale on the proxy loss (one BlockLDLQ run each). ``e8p2`` == ``e8p2:random:gptq``.
 
 Rotation (``RotationConfig.kind``): ``none``; ``hadamard`` (an online ``H`` on the input of every quantized linear,
 ``y = Q(x·Hᵀ)·Q(W·Hᵀ)ᵀ``, exact before quantization since ``HᵀH = I``); ``random`` (``H·D`` with seeded signs, a
@@ -200,6 +209,10 @@ class QuantRecipe:
     # "bf16"/"fp16": the tensors left unquantized (embeddings, LM head, norms) are rounded to this dtype, so the
     # checkpoint stores them at half the size and the simulated run is what the checkpoint reloads.
     store_dtype: str | None = None
+    # E8P lattice weights (presets e8p2/e8p3/e8p4): 2 = E8P12, 3/4 = residual VQ; None for the scalar recipes.
+    vector_bits: int | None = None
+    # e8p: search the per-matrix scale over VECTOR_SCALE_SEARCH multipliers on the proxy loss (option scalesearch)
+    vector_scale_search: bool = False
 
     def __post_init__(self):
         for fname in ("targets", "ignore"):
@@ -223,7 +236,7 @@ class QuantRecipe:
         if not isinstance(self.rotation, RotationConfig):
             raise ValueError(f"recipe field rotation must be a RotationConfig (in JSON an object with keys "
                              f"{_field_names(RotationConfig)}), got {self.rotation!r}")
-        for fname in ("kv_rotation", "weight_clip", "kv_center", "fuse_values", "sequential"):
+        for fname in ("kv_rotation", "weight_clip", "kv_center", "fuse_values", "sequential", "vector_scale_search"):
             _check_bool(fname, getattr(self, fname))
         _check_bool("gptq.act_order", self.gptq.act_order)
         for fname, lo in (("calib_windows", 1), ("calib_len", 1), ("calib_rows", 1), ("learn_steps", 1),
@@ -253,6 +266,7 @@ class QuantRecipe:
                 except (TypeError, ValueError) as exc:
                     raise ValueError(f"recipe field {fname}: {exc}") from None
 
+        self._validate_vector()
         # Cross-field rules (what the string options imply or need).
         if (self.smooth is not None or self.act_clip == "search" or self.learned) and self.weight is None \
                 and self.act is None:
@@ -294,6 +308,37 @@ class QuantRecipe:
             raise ValueError(f"kv_sink_tokens={self.kv_sink_tokens} (option sinks): recipe {self.name!r} has no KV "
                              f"quantization")
 
+    def _validate_vector(self) -> None:
+        """The rules of the E8P lattice recipes (``vector_bits``): what :mod:`hadakit.quantization.quip` runs."""
+        if self.vector_bits is None:
+            if self.vector_scale_search:
+                raise ValueError("vector_scale_search (option scalesearch) searches the scale of E8P lattice "
+                                 "weights: it needs an e8p recipe (e8p2 / e8p3 / e8p4)")
+            return
+        if isinstance(self.vector_bits, bool) or self.vector_bits not in VECTOR_BITS:
+            raise ValueError(f"recipe field vector_bits must be one of {VECTOR_BITS} (E8P12 / RVQ bits per weight) "
+                             f"or null, got {self.vector_bits!r}")
+        if self.weight is not None or self.act is not None or self.kv is not None:
+            raise ValueError(f"recipe field vector_bits={self.vector_bits}: E8P lattice weights replace the weight "
+                             f"scheme and are not combined with activation or KV quantization here; set weight, act "
+                             f"and kv to null (got weight={self.weight!r}, act={self.act!r}, kv={self.kv!r})")
+        if self.rotation.kind not in ("random", "none"):
+            raise ValueError(f"an e8p recipe takes rotation 'random' (the two-sided randomized Hadamard "
+                             f"incoherence of QuIP#) or 'none', not {self.rotation.label()!r}")
+        unsupported = (("smooth", "smooth", self.smooth is not None), ("act_clip", "aclip", self.act_clip is not None),
+                       ("weight_clip", "wclip", self.weight_clip), ("learned", "learn", bool(self.learned)),
+                       ("fuse_values", "fusevo", self.fuse_values), ("sequential", "seq", self.sequential),
+                       ("fp_target", "fptarget", bool(self.fp_target)), ("gptq.act_order", "actorder",
+                                                                         self.gptq.act_order),
+                       ("gptq.refit", "refit", bool(self.gptq.refit)), ("store_dtype", "store",
+                                                                        self.store_dtype is not None),
+                       ("kv_center", "kvcenter", self.kv_center), ("kv_sink_tokens", "sinks",
+                                                                   bool(self.kv_sink_tokens)))
+        for fname, opt, on in unsupported:
+            if on:
+                raise ValueError(f"recipe field {fname} (option {opt}) is not supported by the e8p recipes (their "
+                                 f"only option is scalesearch); leave it out")
+
     @property
     def needs_calibration(self) -> bool:
         """Whether quantizing needs calibration data (GPTQ, or a calibrated option)."""
@@ -302,7 +347,8 @@ class QuantRecipe:
     @property
     def linears_need_calibration(self) -> bool:
         """Whether the linears are fitted on calibration data (GPTQ, smoothing, clip search, learned transforms)."""
-        return (self.method == "gptq" and self.weight is not None) or self.fits_options
+        return (self.method == "gptq" and (self.weight is not None or self.vector_bits is not None)) \
+            or self.fits_options
 
     @property
     def fits_options(self) -> bool:
@@ -335,14 +381,15 @@ class QuantRecipe:
     @property
     def quantizes_linears(self) -> bool:
         """Whether linears are replaced (a rotation alone replaces them too: the exactness check)."""
-        return self.weight is not None or self.act is not None or self.rotation.kind != "none"
+        return (self.weight is not None or self.act is not None or self.rotation.kind != "none"
+                or self.vector_bits is not None)
 
     def label(self) -> str:
         """Short row label, e.g. ``w4a4 random gptq``."""
         if not self.quantizes_linears and self.kv is None:
             return self.name
         parts = [self.name, self.rotation.label()]
-        if self.weight is not None:
+        if self.weight is not None or self.vector_bits is not None:
             parts.append(self.method)
         opts = self.option_labels()
         return " ".join(parts) + (" +" + ",".join(opts) if opts else "")
@@ -376,11 +423,11 @@ class QuantRecipe:
         is then the lossless form. Nothing is dropped silently: the string is parsed back and compared.
         """
         lossless = "JSON (QuantRecipe.to_dict / save) is this recipe's lossless form"
-        if self.name not in _PRESETS:
+        if self.name not in _ALL_PRESETS:
             raise ValueError(f"recipe field name={self.name!r} has no string form: a recipe string starts with a "
-                             f"preset ({', '.join(_PRESETS)}); {lossless}")
-        preset = _PRESETS[self.name]
-        for fname in ("weight", "act"):
+                             f"preset ({', '.join(_ALL_PRESETS)}); {lossless}")
+        preset = _ALL_PRESETS[self.name]
+        for fname in ("weight", "act", "vector_bits"):
             if getattr(self, fname) != preset.get(fname):
                 raise ValueError(f"recipe field {fname}={getattr(self, fname)!r} has no string form: preset "
                                  f"{self.name!r} sets {preset.get(fname)!r}; {lossless}")
@@ -452,6 +499,8 @@ class QuantRecipe:
             out.append("kvcenter")
         if self.kv_sink_tokens:
             out.append(f"sinks={self.kv_sink_tokens}")
+        if self.vector_scale_search:
+            out.append("scalesearch")
         return out
 
     # --- JSON form --------------------------------------------------------------------------------------------
@@ -525,8 +574,26 @@ _PRESETS: dict[str, dict] = {
 }
 
 
+#: bits per weight of the E8P lattice recipes (2: E8P12; 3, 4: residual VQ)
+VECTOR_BITS = (2, 3, 4)
+#: the per-matrix scale multipliers of option scalesearch
+VECTOR_SCALE_SEARCH = (0.9, 1.0, 1.1)
+# E8P lattice presets: QuIP#'s defaults (two-sided RHT, BlockLDLQ); kept apart from _PRESETS so list_recipes() and
+# what iterates it (every scalar preset with every rotation) are unchanged.
+_VECTOR_PRESETS: dict[str, dict] = {
+    f"e8p{b}": dict(vector_bits=b, rotation=RotationConfig("random"), method="gptq") for b in VECTOR_BITS
+}
+_ALL_PRESETS: dict[str, dict] = {**_PRESETS, **_VECTOR_PRESETS}
+
+
 def list_recipes() -> list[str]:
+    """The scalar presets (formats of :mod:`hadakit.formats`); :func:`list_vector_recipes` has the E8P ones."""
     return list(_PRESETS)
+
+
+def list_vector_recipes() -> list[str]:
+    """The E8P lattice presets (``e8p2``, ``e8p3``, ``e8p4``; see the module docstring)."""
+    return list(_VECTOR_PRESETS)
 
 
 def get_recipe(spec: str | QuantRecipe, **overrides) -> QuantRecipe:
@@ -539,11 +606,11 @@ def get_recipe(spec: str | QuantRecipe, **overrides) -> QuantRecipe:
     if spec.endswith(".json"):
         return dataclasses.replace(QuantRecipe.load(spec), **overrides)
     name, *opts = spec.split(":")
-    if name not in _PRESETS:
-        raise ValueError(f"unknown recipe {name!r}; presets: {', '.join(_PRESETS)} (or a recipe .json file)")
+    if name not in _ALL_PRESETS:
+        raise ValueError(f"unknown recipe {name!r}; presets: {', '.join(_ALL_PRESETS)} (or a recipe .json file)")
     if len(opts) > 3:
         raise ValueError(f"recipe spec {spec!r}: expected name[:rotation[:method[:options]]]")
-    recipe = QuantRecipe(name=name, **_PRESETS[name])
+    recipe = QuantRecipe(name=name, **_ALL_PRESETS[name])
     if opts:
         kind = block = None
         if opts[0]:  # an empty field keeps the preset's rotation
@@ -557,18 +624,39 @@ def get_recipe(spec: str | QuantRecipe, **overrides) -> QuantRecipe:
     return dataclasses.replace(recipe, **overrides) if overrides else recipe
 
 
-def check_recipe_for_model(recipe: QuantRecipe, model) -> None:
+def check_recipe_for_model(recipe: QuantRecipe, model, *, vector_routed: bool = False) -> None:
     """Raise ``ValueError`` before any work if ``recipe``'s rotation cannot be built for a linear of ``model`` it
     would quantize: a ``block-N`` size that does not divide the linear's input size, or (with ``fallback=None``) an
     input size without a Hadamard matrix. The linears are those :func:`hadakit.quantization.pipeline.find_linears` picks
     (every ``nn.Linear`` / ``Conv1D`` selected by ``recipe.targets`` / ``recipe.ignore``), and only when the recipe replaces linears at all;
-    returns ``None`` when every one is fine. Builds nothing: only the transform plans are looked up."""
+    returns ``None`` when every one is fine. Builds nothing: only the transform plans are looked up.
+
+    E8P lattice recipes (``vector_bits``): every selected linear needs an input size divisible by 8 and, with the
+    ``random`` rotation, Hadamard sizes on both sides. ``vector_routed`` says the caller runs them through
+    :func:`hadakit.quantization.quip.quantize_model_recipe`; without it they are refused (a caller that would hand
+    them to the scalar pipeline would only rotate the linears, silently)."""
     from math import gcd
 
     from hadakit.quantization.structure import find_linears, linear_weight
     from hadakit.transforms import transform_plan
     from hadakit.transforms.plan import largest_supported_divisor
 
+    if recipe.vector_bits is not None:
+        if not vector_routed:
+            raise ValueError(f"recipe {recipe.label()!r} (E8P lattice weights) runs through "
+                             f"hadakit.quantization.quip.quantize_model_recipe(model, recipe, calib=token_ids); this "
+                             f"caller does not route e8p recipes")
+        from hadakit.transforms.plan import supported
+
+        for name, mod in find_linears(model, recipe)[0].items():
+            m, n = linear_weight(mod).shape
+            if n % 8:
+                raise ValueError(f"recipe {recipe.label()!r}, layer {name}: in_features {n} is not a multiple of 8 "
+                                 f"(E8 vectors); leave it out with ignore=")
+            if recipe.rotation.kind == "random" and not (supported(m) and supported(n)):
+                raise ValueError(f"recipe {recipe.label()!r}, layer {name}: no Hadamard matrix for its shape "
+                                 f"{m}×{n} (the two-sided incoherence needs both); use rotation none or ignore=")
+        return
     rot = recipe.rotation
     if not recipe.quantizes_linears or rot.kind == "none":
         return
@@ -618,7 +706,7 @@ def _whole_number(key: str, value: str | None, lo: int, example: str) -> int:
     return n
 
 
-_FLAGS = ("wclip", "fusevo", "actorder", "seq", "kvclip", "kvcenter")  # options that take no value
+_FLAGS = ("wclip", "fusevo", "actorder", "seq", "kvclip", "kvcenter", "scalesearch")  # options that take no value
 
 
 def _check_option_use(recipe: QuantRecipe, changes: dict, given: list[str]) -> None:
@@ -711,6 +799,8 @@ def apply_options(recipe: QuantRecipe, options: str) -> QuantRecipe:
             changes["kv_sink_tokens"] = _whole_number(key, value, 0, "4")
         elif key == "kvcenter":
             changes["kv_center"] = True
+        elif key == "scalesearch":
+            changes["vector_scale_search"] = True
         elif key in ("kvgroup", "kvclip"):
             if recipe.kv is None:
                 raise ValueError(f"recipe option {key}: recipe {recipe.name!r} has no KV quantization")
@@ -722,6 +812,7 @@ def apply_options(recipe: QuantRecipe, options: str) -> QuantRecipe:
             changes["kv"] = kv.to_dict()
         else:
             raise ValueError(f"unknown recipe option {key!r}; known: smooth, aclip, wclip, actorder, refit, seq, "
-                             f"fptarget, store, fusevo, learn, steps, sinks, kvgroup, kvclip, kvcenter")
+                             f"fptarget, store, fusevo, learn, steps, sinks, kvgroup, kvclip, kvcenter, "
+                             f"scalesearch (e8p recipes)")
     _check_option_use(recipe, changes, given)
     return dataclasses.replace(recipe, **changes)
