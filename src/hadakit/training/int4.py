@@ -137,7 +137,9 @@ def leverage_probabilities(scores: torch.Tensor, budget: float) -> torch.Tensor:
     has = valid.any(-1, keepdim=True)
     first = torch.where(valid, j, torch.full_like(j, float(n))).amin(-1, keepdim=True).long().clamp(max=n - 1)
     cstar = torch.gather(c, -1, first)
-    p = torch.where(has, (cstar * s).clamp(max=1.0), (s > 0).to(s.dtype))
+    # at most ``budget`` positive scores: every one is kept, exactly (cstar·s can round to just below 1 there)
+    few = (s > 0).sum(-1, keepdim=True) <= float(budget)
+    p = torch.where(has & ~few, (cstar * s).clamp(max=1.0), (s > 0).to(s.dtype))
     return p.to(scores.dtype if scores.is_floating_point() else torch.float32)
 
 
