@@ -16,21 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+from hadakit.devices import cpu_name
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def best_time(fn, reps: int) -> float:
@@ -92,7 +84,7 @@ def main() -> None:
         add(f"torch, BlockLDLQ pattern ({m} rows/call)", nbt * m,
             lambda: [cb.quantize(b, method="torch") for b in blocks[:nbt]], torch.cat(blocks[:nbt]))
     speedup = rows[1]["vectors_per_s"] / rows[0]["vectors_per_s"]
-    res = dict(device=cpu_model(), torch_threads=torch.get_num_threads(), numba_threads=numba.get_num_threads(),
+    res = dict(device=cpu_name(), torch_threads=torch.get_num_threads(), numba_threads=numba.get_num_threads(),
                numba_threading_layer=numba.threading_layer(), load_avg_start=load0, load_avg_end=os.getloadavg(),
                rows=rows, speedup_numba_vs_torch=speedup,
                speedup_blockldlq_pattern={m: next(r for r in rows if r["name"].startswith("numba, BlockLDLQ")
@@ -147,7 +139,7 @@ def gemma_shapes(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     quantize_weight_e8p(torch.randn(16, 64, dtype=torch.float64), torch.eye(64, dtype=torch.float64), 2)  # compile
-    res = dict(device=cpu_model(), load_avg_start=os.getloadavg(), rows=[])
+    res = dict(device=cpu_name(), load_avg_start=os.getloadavg(), rows=[])
     for bits in (int(b) for b in args.gemma_shapes.split(",")):
         tot_cpu = tot_wall = 0.0
         for name, (m, n) in GEMMA_LAYER.items():

@@ -23,13 +23,13 @@ import copy
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+from hadakit.devices import cpu_name
 
 GOALS = {2: (2.0, 2.13, 2.0), 3: (3.0, 3.13, 1.15), 4: (4.0, 4.13, 1.03)}
 LABEL = {"fp": "FP32", "e8p2": "E8P 2-bit + BlockLDLQ + RHT", "rvq3": "RVQ 3-bit + BlockLDLQ + RHT",
@@ -52,14 +52,6 @@ def stdlib_text() -> str:
     return "\n\n".join(open(os.path.join(lib, m), encoding="utf-8").read() for m in STDLIB_MODULES)
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def scalar_quantizer(bits: int, group: int, seed: int, damp: float, rht: bool = True):
@@ -119,7 +111,7 @@ def run(args) -> None:
     n_layers = len(find_decoder_layers(base))
     k = n_layers if args.layers is None else args.layers
     targets = tuple(f"layers.{i}.*" for i in range(k)) if k < n_layers else ()
-    meta = dict(model="Gemma 3 270M (hadakit built-in, float32)", device=cpu_model(), threads=torch.get_num_threads(),
+    meta = dict(model="Gemma 3 270M (hadakit built-in, float32)", device=cpu_name(), threads=torch.get_num_threads(),
                 calibration=dict(text="lear", n_windows=args.calib_windows, window=args.calib_len, seed=0),
                 eval={n: dict(n_windows=int(w.shape[0]), window=512, bos=True) for n, w in evals.items()},
                 numba_threads=_numba_threads(),

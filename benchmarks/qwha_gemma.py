@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import sysconfig
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from hadakit.devices import cpu_name
 
 RECIPE = "w4a16_g128:block-128:gptq"
 TRAIN_PLAYS = ("othello", "julius_caesar", "romeo_and_juliet", "tempest", "twelfth_night", "antony_and_cleopatra",
@@ -47,14 +47,6 @@ LABEL = {"fp": "FP (GGUF dequantized, float32)", "w4": "W4 GPTQ g128 (frozen bas
          "fourierft": "FourierFT (peft)"}
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def log(msg: str) -> None:
@@ -188,7 +180,7 @@ def run(args) -> None:
     eff = saved["eff"]
     evals = eval_sets(tok, args)
     batches = train_batches(tok, args)
-    meta = dict(device=cpu_model(), threads=torch.get_num_threads(), recipe=saved["recipe"],
+    meta = dict(device=cpu_name(), threads=torch.get_num_threads(), recipe=saved["recipe"],
                 gptq_quantize_s=saved["quantize_s"], seq=args.seq, batch=args.batch, steps=args.steps,
                 rank=args.rank, lr=dict(lora=args.lr, qwha=args.lr, fourierft=args.lr_fourierft),
                 fourierft_scaling=args.fourierft_scaling, train_plays=list(TRAIN_PLAYS),
@@ -350,7 +342,7 @@ def layer_time(args) -> None:
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
-    res = dict(device=cpu_model(), threads=1, tokens=args.tokens, rank=args.rank, repeats=args.repeats,
+    res = dict(device=cpu_name(), threads=1, tokens=args.tokens, rank=args.rank, repeats=args.repeats,
                load_avg_start=os.getloadavg(), layers={})
     for name, (i, o) in SHAPES.items():
         W = torch.randn(o, i, generator=g) * 0.03

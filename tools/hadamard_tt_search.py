@@ -43,7 +43,6 @@ def _tabu(lengths, weights, seed, max_steps, restart_after, ten_lo, ten_hi):
     x = np.empty(total, dtype=np.int64)
     c = np.zeros(lmax, dtype=np.int64)
     tabu = np.zeros(total, dtype=np.int64)
-    dc = np.zeros(lmax, dtype=np.int64)
     best_overall = -1
     step = 0
     restarts = 0

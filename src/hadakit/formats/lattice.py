@@ -319,7 +319,7 @@ _HAVE_NUMBA: list[bool] = []
 def _have_numba() -> bool:
     if not _HAVE_NUMBA:
         try:
-            import numba  # noqa: F401
+            __import__("numba")
             _HAVE_NUMBA.append(True)
         except ImportError:
             _HAVE_NUMBA.append(False)

@@ -48,7 +48,7 @@ _NUMBA: list[bool] = []
 def _numba_available() -> bool:
     if not _NUMBA:
         try:
-            import numba  # noqa: F401
+            __import__("numba")
             _NUMBA.append(True)
         except ImportError:
             _NUMBA.append(False)

@@ -535,7 +535,7 @@ class LbpWhtRecipe(TrainingRecipe):
         lines = [f"recipe {self.name or '(custom)'} (LBP-WHT, Yang et al. 2023; own autograd function)"]
         if self.description:
             lines.append(f"  {self.description}")
-        lines.append(f"  forward     exact (nn.Linear)")
+        lines.append("  forward     exact (nn.Linear)")
         lines.append(f"  backward    {grads} projected on {r} ({self.selection} WHT basis along tokens, "
                      f"padding {self.padding})")
         return "\n".join(lines)
