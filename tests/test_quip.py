@@ -180,7 +180,7 @@ def test_numba_decode_path_is_bit_identical(quantized, monkeypatch):
     lin = E8PLinear.from_state(state)
     for dt in (torch.float32, torch.float64):
         fast = lin.dequantized_weight(dt)
-        monkeypatch.setattr(quip, "_numba_available", lambda: False)
+        monkeypatch.setattr(quip, "_have_numba", lambda: False)
         slow = lin.dequantized_weight(dt)
         monkeypatch.undo()
         assert torch.equal(fast, slow) and torch.equal(slow, dequantize_e8p_state(state, dtype=dt))

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from hadakit.formats.lattice import _have_numba
 from hadakit.formats.lattice import bits_per_weight as _e8p_bits_per_weight
 from hadakit.quantization.ldlq import _pack_signs, dequantize_e8p_state, quantize_weight_e8p
 
@@ -40,19 +41,6 @@ __all__ = ["E8PLinear", "QuipReport", "quantize_model_e8p", "quantize_model_reci
 log = logging.getLogger(__name__)
 
 _STATE_KEYS = ("codes", "scales", "signs_out", "signs_in", "bits", "shape")
-
-
-_NUMBA: list[bool] = []
-
-
-def _numba_available() -> bool:
-    if not _NUMBA:
-        try:
-            __import__("numba")
-            _NUMBA.append(True)
-        except ImportError:
-            _NUMBA.append(False)
-    return _NUMBA[0]
 
 
 def _check_bits(bits, what: str) -> int:
@@ -155,7 +143,7 @@ class E8PLinear(nn.Module):
         if dtype is None:
             dtype = self.bias.dtype if self.bias is not None else torch.float32
         work = torch.float64 if dtype == torch.float64 else torch.float32
-        if self.codes.device.type == "cpu" and _numba_available():
+        if self.codes.device.type == "cpu" and _have_numba():
             W = self._dequantize_numba(work)
         else:
             W = dequantize_e8p_state(self.to_state(), dtype=work)
