@@ -401,6 +401,19 @@ def _int4_xi_products(block_size: int) -> dict[str, ProductConfig]:
             "grad_weight": P(sr, reuse)}
 
 
+def _from_kind_dict(cls, d: dict):
+    """``cls(**d)`` for a recipe class with its own ``KIND`` (``Int4XiRecipe``, ``LbpWhtRecipe``): ``d`` must be a
+    dict whose optional ``"kind"`` is ``cls.KIND`` and whose other keys are ``cls``'s fields."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(d).__name__}")
+    d = dict(d)
+    kind = d.pop("kind", cls.KIND)
+    if kind != cls.KIND:
+        raise ValueError(f"{cls.__name__}.from_dict: kind must be {cls.KIND!r}, got {kind!r}")
+    _unknown_keys(d, cls)
+    return cls(**d)
+
+
 @dataclass(frozen=True)
 class Int4XiRecipe(TrainingRecipe):
     """INT4 training of Xi, Li, Chen & Zhu, "Training Transformers with 4-bit Integers" (NeurIPS 2023,
@@ -480,14 +493,7 @@ class Int4XiRecipe(TrainingRecipe):
 
     @classmethod
     def from_dict(cls, d: dict) -> "Int4XiRecipe":
-        if not isinstance(d, dict):
-            raise TypeError(f"Int4XiRecipe.from_dict expects a dict, got {type(d).__name__}")
-        d = dict(d)
-        kind = d.pop("kind", cls.KIND)
-        if kind != cls.KIND:
-            raise ValueError(f"Int4XiRecipe.from_dict: kind must be {cls.KIND!r}, got {kind!r}")
-        _unknown_keys(d, cls)
-        return cls(**d)
+        return _from_kind_dict(cls, d)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -547,14 +553,7 @@ class LbpWhtRecipe(TrainingRecipe):
 
     @classmethod
     def from_dict(cls, d: dict) -> "LbpWhtRecipe":
-        if not isinstance(d, dict):
-            raise TypeError(f"LbpWhtRecipe.from_dict expects a dict, got {type(d).__name__}")
-        d = dict(d)
-        kind = d.pop("kind", cls.KIND)
-        if kind != cls.KIND:
-            raise ValueError(f"LbpWhtRecipe.from_dict: kind must be {cls.KIND!r}, got {kind!r}")
-        _unknown_keys(d, cls)
-        return cls(**d)
+        return _from_kind_dict(cls, d)
 
 
 # ------------------------------------------------------------------------------------------------------------------
